@@ -1,0 +1,75 @@
+"""Evaluate a checkpoint written by any script of cleanrl_style/.
+
+Rebuilds the agent from the checkpoint (through the `evaluate` function of the script that wrote it),
+runs the deterministic policy (greedy, or the mean action) with the saved observation statistics
+frozen, and prints the mean and standard deviation of the episode returns.
+
+    python cleanrl_style/evaluate.py runs/CartPole-v1__ppo__1__1700000000/ppo.pt --episodes 10
+    python cleanrl_style/evaluate.py CHECKPOINT --capture-video        # videos/eval_{run_name}/
+"""
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import torch
+import tyro
+
+SCRIPTS = Path(__file__).resolve().parent
+
+
+@dataclass
+class Args:
+    checkpoint: tyro.conf.Positional[str]
+    """path of a checkpoint (.pt) written by a training script"""
+    episodes: int = 10
+    """number of evaluation episodes"""
+    seed: Optional[int] = None
+    """episode k resets with seed + k (default: the training run's seed, as in its final evaluation)"""
+    capture_video: bool = False
+    """record the first episode as mp4 under --video-dir/eval_{run_name}"""
+    video_dir: str = "videos"
+    """parent directory of the video directory"""
+    device: Annotated[str, tyro.conf.arg(help="torch device (cpu or cuda)")] = "cpu"
+
+
+def load_script(algorithm: str):
+    """Import cleanrl_style/{algorithm}.py as a module (importing a script trains nothing)."""
+    path = SCRIPTS / f"{algorithm}.py"
+    if not algorithm.isidentifier() or not path.is_file():
+        raise ValueError(f"the checkpoint names algorithm '{algorithm}', which has no script in {SCRIPTS}")
+    spec = importlib.util.spec_from_file_location(f"cleanrl_style_{algorithm}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(args: Args) -> int:
+    try:
+        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or "algorithm" not in ckpt:
+            raise ValueError("not a checkpoint of this project")
+        script = load_script(ckpt["algorithm"])
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        print(f"error: cannot evaluate '{args.checkpoint}': {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    if args.episodes < 1:
+        print("error: --episodes must be at least 1", file=sys.stderr)
+        return 2
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    seed = ckpt["args"]["seed"] if args.seed is None else args.seed
+    video_folder = str(Path(args.video_dir) / f"eval_{Path(args.checkpoint).resolve().parent.name}")
+    returns = script.evaluate(ckpt, args.episodes, seed, args.capture_video, video_folder, args.device)
+    print(f"{ckpt['algorithm']} on {ckpt['env_id']} at step {ckpt['global_step']}: "
+          f"return {np.mean(returns):.3f} ± {np.std(returns):.3f} over {len(returns)} episodes")
+    if args.capture_video:
+        print(f"video: {video_folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(tyro.cli(Args, description=__doc__.split("\n\n")[0])))

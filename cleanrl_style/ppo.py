@@ -1,0 +1,775 @@
+"""Proximal Policy Optimisation (PPO): the clipped objective and the adaptive-KL penalty, in one file.
+
+Notation of the study notes (see NOTATION.md):
+
+    rollout      T steps of N envs with pi_old, storing s_t, a_t, r_t, log pi_old(a_t|s_t), V(s_t)
+    TD residual  delta_t = r_t + gamma V(s_{t+1}) - V(s_t)             (no bootstrap past a termination)
+    GAE          A_hat_t = delta_t + gamma lambda A_hat_{t+1}          (the sum stops at an episode end)
+    return       G_t = A_hat_t + V_old(s_t)                            (the critic's target)
+    ratio        rho_t = pi_theta(a_t|s_t) / pi_old(a_t|s_t)
+    PPO-Clip     L^CLIP = E[min(rho_t A_hat_t, clip(rho_t, 1 - eps, 1 + eps) A_hat_t)]
+    PPO-KL       L^KL   = E[rho_t A_hat_t] - beta KL(pi_old || pi_theta),
+                 after each update: d < d_targ / 1.5 -> beta / 2,  d > 1.5 d_targ -> 2 beta
+    KL estimates k1 = -log rho,  k2 = 1/2 (log rho)^2,  k3 = (rho - 1) - log rho
+    total loss   -L^{CLIP or KL} + c1 * 1/2 (V_phi(s_t) - G_t)^2 - c2 * H[pi_theta(.|s_t)]
+
+When an episode is cut by a time limit (truncation) the MDP did not end there, so delta_t bootstraps
+from V of the true final observation; after a termination it never bootstraps.
+
+Run:
+    python cleanrl_style/ppo.py --env CartPole-v1
+    python cleanrl_style/ppo.py --env CartPole-v1 --loss kl --kl-estimator k3
+    python cleanrl_style/ppo.py --env HalfCheetah-v5
+"""
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import gymnasium as gym
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+ALGORITHM = "ppo"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class Args:
+    env: Annotated[str, tyro.conf.arg(aliases=("--env-id",))] = "CartPole-v1"
+    """gymnasium environment id (Box observations; Discrete or Box actions)"""
+    seed: int = 1
+    """seed of Python, numpy, torch and the environments"""
+    total_timesteps: Optional[int] = None
+    """environment steps to train for (default: 100,000 discrete, 1,000,000 continuous)"""
+    num_envs: Optional[int] = None
+    """N, parallel environments (default: 8 discrete, 1 continuous)"""
+    num_steps: Optional[int] = None
+    """T, steps per environment per rollout (default: 32 discrete, 2048 continuous)"""
+    update_epochs: Optional[int] = None
+    """epochs over the rollout per update (default: 10 discrete, 10 continuous)"""
+    minibatch_size: Optional[int] = None
+    """samples per mini-batch; must divide N*T (default: 64 discrete, 64 continuous)"""
+    learning_rate: Optional[float] = None
+    """alpha, Adam step size (default: 1e-3 discrete, 3e-4 continuous)"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to 0 over the run"""
+    gamma: Optional[float] = None
+    """gamma, discount factor in [0, 1] (default: 0.98 discrete, 0.99 continuous)"""
+    gae_lambda: Optional[float] = None
+    """lambda of GAE in [0, 1] (default: 0.8 discrete, 0.95 continuous)"""
+    loss: Literal["clip", "kl"] = "clip"
+    """policy objective: clip (L^CLIP) or kl (adaptive-KL penalty)"""
+    clip_eps: float = 0.2
+    """epsilon, the clip range of rho in L^CLIP"""
+    beta: float = 1.0
+    """beta, initial KL penalty coefficient (--loss kl)"""
+    kl_target: float = 0.01
+    """d_targ, target KL of the adaptive-beta rule (--loss kl)"""
+    kl_estimator: Literal["exact", "k1", "k2", "k3"] = "exact"
+    """estimator of KL(pi_old || pi_theta) in the penalty (--loss kl); exact is the analytic KL"""
+    norm_adv: bool = True
+    """normalise A_hat over the batch: (A_hat - mean) / std"""
+    clip_vloss: bool = False
+    """clip the value loss around V_old with the range --clip-eps"""
+    ent_coef: float = 0.0
+    """c2, entropy bonus coefficient"""
+    vf_coef: float = 0.5
+    """c1, value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """clip the global gradient norm to this value (0 disables)"""
+    target_kl: Optional[float] = None
+    """stop the update early once a mini-batch's k3 KL exceeds this (off by default)"""
+    norm_obs: Optional[bool] = None
+    """normalise observations with running statistics (default: off discrete, on continuous)"""
+    norm_reward: Optional[bool] = None
+    """scale rewards by the running std of the discounted return (default: off discrete, on continuous)"""
+    hidden_size: int = 64
+    """width of the two tanh hidden layers of actor and critic"""
+    exp_name: str = Path(__file__).stem
+    """experiment name, part of the run directory name"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """torch device: auto picks cuda when available"""
+    torch_deterministic: bool = True
+    """make cuDNN deterministic"""
+    threads: int = 1
+    """torch CPU threads"""
+    capture_video: bool = False
+    """record videos of env 0 and of the final evaluation under --video-dir/{run_name}"""
+    save_model: bool = True
+    """write the checkpoint at the end, every --checkpoint-every steps and on Ctrl-C"""
+    checkpoint_every: int = 100_000
+    """write a checkpoint every this many environment steps (0: only at the end)"""
+    eval_episodes: int = 10
+    """deterministic evaluation episodes at the end"""
+    run_dir: str = "runs"
+    """parent directory of the run directories"""
+    video_dir: str = "videos"
+    """parent directory of the video directories"""
+    resume: Optional[str] = None
+    """checkpoint to resume from: its run, hyperparameters and state go on (--total-timesteps may extend it)"""
+    progress: bool = True
+    """show a progress bar on a terminal"""
+
+
+# Defaults that depend on the action space. Discrete: tuned so that CartPole-v1 is solved fast.
+# Continuous: the PPO paper's MuJoCo settings (Schulman et al. 2017, Table 3).
+DISCRETE_DEFAULTS = dict(
+    total_timesteps=100_000, num_envs=8, num_steps=32, update_epochs=10, minibatch_size=64,
+    learning_rate=1e-3, gamma=0.98, gae_lambda=0.8, norm_obs=False, norm_reward=False,
+)
+CONTINUOUS_DEFAULTS = dict(
+    total_timesteps=1_000_000, num_envs=1, num_steps=2048, update_epochs=10, minibatch_size=64,
+    learning_rate=3e-4, gamma=0.99, gae_lambda=0.95, norm_obs=True, norm_reward=True,
+)
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit status 2, before anything is written."""
+
+
+class NonFiniteLoss(Exception):
+    """A loss became NaN or inf."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment
+# ----------------------------------------------------------------------------------------------
+
+
+def env_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
+    """Observation and action space of `env_id`, or a UsageError if the id is unknown."""
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as e:
+        raise UsageError(f"unknown environment id '{env_id}' ({type(e).__name__})") from None
+    env = gym.make(env_id)
+    spaces = env.observation_space, env.action_space
+    env.close()
+    return spaces
+
+
+def make_env(env_id: str, idx: int, capture_video: bool, video_folder: str):
+    def thunk():
+        if capture_video and idx == 0:
+            env = gym.make(env_id, render_mode="rgb_array")
+            env = gym.wrappers.RecordVideo(env, video_folder, name_prefix="train", disable_logger=True)
+        else:
+            env = gym.make(env_id)
+        return gym.wrappers.FlattenObservation(env)
+
+    return thunk
+
+
+class RunningMeanStd:
+    """Running mean and variance of a stream of batches (parallel Welford / Chan et al.)."""
+
+    def __init__(self, shape=()):
+        self.mean = np.zeros(shape, np.float64)
+        self.var = np.ones(shape, np.float64)
+        self.count = 1e-4
+
+    def update(self, x: np.ndarray) -> None:
+        batch_mean, batch_var, n = x.mean(0), x.var(0), x.shape[0]
+        delta, total = batch_mean - self.mean, self.count + n
+        self.mean = self.mean + delta * n / total
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.var, self.count = m2 / total, total
+
+    def state_dict(self) -> dict:
+        return {"mean": torch.from_numpy(self.mean), "var": torch.from_numpy(self.var), "count": self.count}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.mean, self.var, self.count = d["mean"].numpy().copy(), d["var"].numpy().copy(), float(d["count"])
+
+
+def normalize_obs(s: np.ndarray, obs_rms: Optional[RunningMeanStd], clip: float = 10.0) -> np.ndarray:
+    """(s - mean) / sqrt(var + 1e-8), clipped to [-10, 10]; the identity without statistics."""
+    if obs_rms is None:
+        return s.astype(np.float32)
+    return np.clip((s - obs_rms.mean) / np.sqrt(obs_rms.var + 1e-8), -clip, clip).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks and the policy's distributions
+# ----------------------------------------------------------------------------------------------
+
+
+def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -> nn.Linear:
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+def mlp(n_in: int, n_out: int, hidden: int, out_std: float) -> nn.Sequential:
+    return nn.Sequential(
+        layer_init(nn.Linear(n_in, hidden)), nn.Tanh(),
+        layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
+        layer_init(nn.Linear(hidden, n_out), std=out_std),
+    )
+
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def categorical_log_prob(logits: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """log pi(a|s) of a Categorical over `logits`."""
+    return F.log_softmax(logits, -1).gather(-1, a.long().unsqueeze(-1)).squeeze(-1)
+
+
+def categorical_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H = -sum_a pi(a|s) log pi(a|s)."""
+    logp = F.log_softmax(logits, -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def categorical_kl(logits_old: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Exact KL(pi_old || pi_theta) = sum_a pi_old(a|s) (log pi_old(a|s) - log pi_theta(a|s))."""
+    logp_old, logp = F.log_softmax(logits_old, -1), F.log_softmax(logits, -1)
+    return (logp_old.exp() * (logp_old - logp)).sum(-1)
+
+
+def gaussian_log_prob(mu: torch.Tensor, log_std: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """log pi(a|s) of a diagonal Gaussian N(mu, sigma^2), summed over action dimensions."""
+    return (-0.5 * ((a - mu) / log_std.exp()) ** 2 - log_std - 0.5 * LOG_2PI).sum(-1)
+
+
+def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
+    """H = sum_i (log sigma_i + 1/2 log(2 pi e))."""
+    return (log_std + 0.5 * (1.0 + LOG_2PI)).sum(-1)
+
+
+def gaussian_kl(mu_old, log_std_old, mu, log_std) -> torch.Tensor:
+    """Exact KL(N_old || N_theta) = sum_i log(s_i/s_old_i) + (s_old_i^2 + (mu_old_i - mu_i)^2) / (2 s_i^2) - 1/2."""
+    return (
+        log_std - log_std_old + ((2 * log_std_old).exp() + (mu_old - mu) ** 2) / (2 * (2 * log_std).exp()) - 0.5
+    ).sum(-1)
+
+
+class Agent(nn.Module):
+    """Separate actor and critic MLPs (two tanh layers). The actor's output `head` is the
+    Categorical's logits (discrete) or [mu, log sigma] of a Gaussian with state-independent sigma."""
+
+    def __init__(self, obs_dim: int, act_dim: int, discrete: bool, hidden: int = 64):
+        super().__init__()
+        self.discrete = discrete
+        self.critic = mlp(obs_dim, 1, hidden, out_std=1.0)
+        self.actor = mlp(obs_dim, act_dim, hidden, out_std=0.01)
+        if not discrete:
+            self.actor_logstd = nn.Parameter(torch.zeros(act_dim))
+
+    def value(self, s: torch.Tensor) -> torch.Tensor:
+        """V_phi(s)."""
+        return self.critic(s).squeeze(-1)
+
+    def head(self, s: torch.Tensor) -> torch.Tensor:
+        """Parameters of pi_theta(.|s): logits, or [mu, log sigma]."""
+        out = self.actor(s)
+        if self.discrete:
+            return out
+        return torch.cat([out, self.actor_logstd.expand_as(out)], -1)
+
+    def log_prob(self, head: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        if self.discrete:
+            return categorical_log_prob(head, a)
+        mu, log_std = head.chunk(2, -1)
+        return gaussian_log_prob(mu, log_std, a)
+
+    def entropy(self, head: torch.Tensor) -> torch.Tensor:
+        return categorical_entropy(head) if self.discrete else gaussian_entropy(head.chunk(2, -1)[1])
+
+    def kl(self, head_old: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """Exact KL(pi_old(.|s) || pi_theta(.|s)) per state."""
+        if self.discrete:
+            return categorical_kl(head_old, head)
+        return gaussian_kl(*head_old.chunk(2, -1), *head.chunk(2, -1))
+
+    def sample(self, head: torch.Tensor) -> torch.Tensor:
+        if self.discrete:
+            return torch.multinomial(F.softmax(head, -1), 1).squeeze(-1)
+        mu, log_std = head.chunk(2, -1)
+        return mu + log_std.exp() * torch.randn_like(mu)
+
+    def mode(self, head: torch.Tensor) -> torch.Tensor:
+        """The deterministic action: argmax of the logits, or the mean mu."""
+        return head.argmax(-1) if self.discrete else head.chunk(2, -1)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The algorithm's math
+# ----------------------------------------------------------------------------------------------
+
+
+def gae(r, V, V_next, terminated, ended, gamma: float, gae_lambda: float) -> np.ndarray:
+    """Generalised advantage estimates over a rollout of shape (T, N).
+
+    delta_t = r_t + gamma (1 - terminated_t) V_next_t - V_t, where V_next_t is V of the observation that
+    followed s_t (on a truncation: the true final observation, not the reset one), and
+    A_hat_t = delta_t + gamma lambda (1 - ended_t) A_hat_{t+1}, ended_t = terminated_t or truncated_t.
+    """
+    delta = r + gamma * (1.0 - terminated) * V_next - V
+    A_hat = np.zeros_like(delta)
+    last = np.zeros_like(delta[0])
+    for t in reversed(range(len(delta))):
+        last = delta[t] + gamma * gae_lambda * (1.0 - ended[t]) * last
+        A_hat[t] = last
+    return A_hat
+
+
+def clip_objective(rho: torch.Tensor, A_hat: torch.Tensor, clip_eps: float) -> torch.Tensor:
+    """Per-step terms of L^CLIP: min(rho A_hat, clip(rho, 1 - eps, 1 + eps) A_hat)."""
+    return torch.min(rho * A_hat, torch.clamp(rho, 1.0 - clip_eps, 1.0 + clip_eps) * A_hat)
+
+
+def kl_k1(log_rho: torch.Tensor) -> torch.Tensor:
+    """k1 = -log r with r = rho: unbiased estimate of KL(pi_old || pi_theta), high variance."""
+    return -log_rho
+
+
+def kl_k2(log_rho: torch.Tensor) -> torch.Tensor:
+    """k2 = 1/2 (log r)^2: biased, but its gradient is the true KL's at theta = theta_old."""
+    return 0.5 * log_rho**2
+
+
+def kl_k3(log_rho: torch.Tensor) -> torch.Tensor:
+    """k3 = (r - 1) - log r: unbiased, low variance, never negative."""
+    return torch.expm1(log_rho) - log_rho
+
+
+def adapt_beta(beta: float, d: float, kl_target: float) -> float:
+    """The PPO paper's rule: d < d_targ / 1.5 -> beta / 2; d > 1.5 d_targ -> 2 beta; else unchanged."""
+    if d < kl_target / 1.5:
+        return beta / 2.0
+    if d > kl_target * 1.5:
+        return beta * 2.0
+    return beta
+
+
+def value_loss(V: torch.Tensor, G: torch.Tensor, V_old: torch.Tensor, clip_eps: Optional[float]) -> torch.Tensor:
+    """1/2 (V - G)^2, or with clipping 1/2 max((V - G)^2, (V_clip - G)^2), V_clip = V_old + clip(V - V_old, +-eps)."""
+    loss = (V - G) ** 2
+    if clip_eps is not None:
+        V_clip = V_old + torch.clamp(V - V_old, -clip_eps, clip_eps)
+        loss = torch.max(loss, (V_clip - G) ** 2)
+    return 0.5 * loss.mean()
+
+
+def explained_variance(V: np.ndarray, G: np.ndarray) -> float:
+    """1 - Var(G - V) / Var(G): 1 is a perfect critic, 0 no better than a constant."""
+    var_G = np.var(G)
+    return float("nan") if var_G == 0 else float(1.0 - np.var(G - V) / var_G)
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments, checkpoint, evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_args(args: Args, discrete: bool) -> Args:
+    """Fill the defaults that depend on the action space, then check that the values fit."""
+    defaults = DISCRETE_DEFAULTS if discrete else CONTINUOUS_DEFAULTS
+    args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
+    batch_size = args.num_envs * args.num_steps
+    checks = [
+        (0.0 <= args.gamma <= 1.0, f"--gamma must lie in [0, 1], got {args.gamma}"),
+        (0.0 <= args.gae_lambda <= 1.0, f"--gae-lambda must lie in [0, 1], got {args.gae_lambda}"),
+        (args.num_envs >= 1 and args.num_steps >= 1, "--num-envs and --num-steps must be at least 1"),
+        (args.minibatch_size >= 1 and batch_size % args.minibatch_size == 0,
+         f"--minibatch-size {args.minibatch_size} does not divide the batch num_envs*num_steps = {batch_size}"),
+        (args.total_timesteps >= batch_size,
+         f"--total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)"),
+        (args.update_epochs >= 1, "--update-epochs must be at least 1"),
+        (args.learning_rate > 0, "--learning-rate must be positive"),
+        (args.clip_eps > 0, "--clip-eps must be positive"),
+        (args.beta >= 0 and args.kl_target > 0, "--beta must be >= 0 and --kl-target > 0"),
+        (args.target_kl is None or args.target_kl > 0, "--target-kl must be positive"),
+        (args.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
+        (args.threads >= 1 and args.hidden_size >= 1, "--threads and --hidden-size must be at least 1"),
+        (args.eval_episodes >= 0 and args.checkpoint_every >= 0, "--eval-episodes and --checkpoint-every must be >= 0"),
+        (args.device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but CUDA is not available"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    return args
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise UsageError(f"cannot load checkpoint '{path}': {str(e).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("algorithm") != ALGORITHM:
+        raise UsageError(f"'{path}' is not a {ALGORITHM} checkpoint")
+    return ckpt
+
+
+def save_checkpoint(path: Path, ckpt: dict) -> None:
+    """Write atomically: a crash mid-write never leaves a half-written checkpoint behind."""
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def build_agent(ckpt: dict, device: str = "cpu") -> tuple[Agent, Optional[RunningMeanStd], gym.Env]:
+    """Rebuild the agent and the frozen observation statistics from a checkpoint."""
+    obs_space, act_space = env_spaces(ckpt["env_id"])
+    discrete = isinstance(act_space, gym.spaces.Discrete)
+    obs_dim = int(np.prod(obs_space.shape))
+    act_dim = int(act_space.n) if discrete else int(np.prod(act_space.shape))
+    agent = Agent(obs_dim, act_dim, discrete, ckpt["args"]["hidden_size"]).to(device)
+    agent.load_state_dict(ckpt["model"])
+    obs_rms = None
+    if ckpt["obs_rms"] is not None:
+        obs_rms = RunningMeanStd(obs_dim)
+        obs_rms.load_state_dict(ckpt["obs_rms"])
+    return agent, obs_rms, act_space
+
+
+def evaluate(ckpt: dict, episodes: int, seed: int, capture_video: bool = False,
+             video_folder: Optional[str] = None, device: str = "cpu") -> np.ndarray:
+    """Returns of `episodes` episodes of the deterministic policy (argmax, or the mean action clipped to
+    the bounds), with the checkpoint's observation statistics frozen. Episode k resets with seed + k."""
+    agent, obs_rms, act_space = build_agent(ckpt, device)
+    if capture_video:
+        env = gym.make(ckpt["env_id"], render_mode="rgb_array")
+        env = gym.wrappers.RecordVideo(env, video_folder, name_prefix="eval", disable_logger=True)
+    else:
+        env = gym.make(ckpt["env_id"])
+    env = gym.wrappers.FlattenObservation(env)
+    returns = []
+    for k in range(episodes):
+        s, _ = env.reset(seed=seed + k)
+        G, done = 0.0, False
+        while not done:
+            with torch.inference_mode():
+                head = agent.head(torch.as_tensor(normalize_obs(s[None], obs_rms), device=device))
+                a = agent.mode(head)[0].cpu().numpy()
+            if not agent.discrete:
+                a = np.clip(a, act_space.low, act_space.high)
+            s, r, terminated, truncated, _ = env.step(a)
+            G += float(r)
+            done = terminated or truncated
+        returns.append(G)
+    env.close()
+    return np.array(returns)
+
+
+class Progress:
+    """A one-line progress bar on stderr: steps, steps per second, mean of the recent returns."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.last = total, enabled and sys.stderr.isatty(), 0.0
+
+    def update(self, step: int, sps: float, recent: list) -> None:
+        now = time.time()
+        if not self.enabled or now - self.last < 0.2:
+            return
+        self.last = now
+        done = int(30 * step / self.total)
+        ret = f"{np.mean(recent):9.1f}" if recent else "      n/a"
+        sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {step:>10,}/{self.total:,} steps "
+                         f"| {sps:7,.0f} SPS | return {ret}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def main(args: Args) -> int:
+    """Train; return the process exit status (0 done, 1 stopped by a non-finite loss, 130 interrupted)."""
+    t_start = time.time()
+    ckpt = None
+    if args.resume is not None:
+        ckpt = load_checkpoint(args.resume)
+        resumed = Args(**{**ckpt["args"], "resume": args.resume, "progress": args.progress, "device": args.device})
+        if args.total_timesteps is not None:
+            resumed.total_timesteps = args.total_timesteps
+        args = resumed
+    obs_space, act_space = env_spaces(args.env)
+    if not isinstance(obs_space, gym.spaces.Box) or not isinstance(act_space, (gym.spaces.Discrete, gym.spaces.Box)):
+        raise UsageError(f"ppo needs Box observations and Discrete or Box actions; {args.env} has "
+                         f"{obs_space} and {act_space}")
+    discrete = isinstance(act_space, gym.spaces.Discrete)
+    given = {k for k in DISCRETE_DEFAULTS if getattr(args, k) is not None}
+    args = resolve_args(args, discrete)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    kind = "discrete" if discrete else "continuous"
+    print(f"ppo on {args.env} ({kind} actions {act_space}); {kind} defaults, flags given override: "
+          + ", ".join(f"{k}={getattr(args, k)}{'' if k not in given else ' (flag)'}" for k in DISCRETE_DEFAULTS)
+          + f"; loss={args.loss}, device={device}")
+
+    # ---- seeding and run directory (nothing is written before this point) ----
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("MUJOCO_GL", "egl")
+
+    if ckpt is not None:
+        run_path = Path(args.resume).parent
+        run_name = run_path.name
+    else:
+        run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(t_start)}"
+        run_path = Path(args.run_dir) / run_name
+    run_path.mkdir(parents=True, exist_ok=True)
+    (run_path / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    writer = SummaryWriter(str(run_path))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n"
+                    + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
+    video_folder = str(Path(args.video_dir) / run_name)
+
+    # ---- environments: N copies, autoreset in the same step so the true final observation is kept ----
+    envs = gym.vector.SyncVectorEnv(
+        [make_env(args.env, i, args.capture_video, f"{video_folder}/train") for i in range(args.num_envs)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+    envs.action_space.seed(args.seed)
+    obs_dim = int(np.prod(envs.single_observation_space.shape))
+    act_dim = int(act_space.n) if discrete else int(np.prod(act_space.shape))
+    N, T = args.num_envs, args.num_steps
+    batch_size = N * T
+    num_iterations = args.total_timesteps // batch_size
+
+    agent = Agent(obs_dim, act_dim, discrete, args.hidden_size).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    obs_rms = RunningMeanStd(obs_dim) if args.norm_obs else None
+    ret_rms = RunningMeanStd(()) if args.norm_reward else None
+    beta = args.beta
+    global_step, iteration = 0, 0
+    if ckpt is not None:
+        agent.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if obs_rms is not None:
+            obs_rms.load_state_dict(ckpt["obs_rms"])
+        if ret_rms is not None:
+            ret_rms.load_state_dict(ckpt["ret_rms"])
+        beta, global_step, iteration = ckpt["beta"], ckpt["global_step"], ckpt["iteration"]
+        print(f"resumed {args.resume} at global step {global_step}")
+    ckpt_path = run_path / f"{args.exp_name}.pt"
+
+    def checkpoint() -> dict:
+        return {
+            "format_version": CHECKPOINT_FORMAT, "algorithm": ALGORITHM, "env_id": args.env,
+            "args": dataclasses.asdict(args), "global_step": global_step, "iteration": iteration,
+            "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "beta": beta,
+            "obs_rms": obs_rms.state_dict() if obs_rms else None,
+            "ret_rms": ret_rms.state_dict() if ret_rms else None,
+        }
+
+    # Ctrl-C: finish the current iteration, then checkpoint and stop.
+    interrupted = []
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+
+    # ---- rollout storage, shape (T, N, ...) ----
+    obs = np.zeros((T, N, obs_dim), np.float32)
+    actions = np.zeros((T, N) if discrete else (T, N, act_dim), np.float32)
+    logp_old = np.zeros((T, N), np.float32)
+    rewards = np.zeros((T, N), np.float32)
+    terminated = np.zeros((T, N), np.float32)
+    ended = np.zeros((T, N), np.float32)
+    values = np.zeros((T, N), np.float32)
+    V_final = np.zeros((T, N), np.float32)  # V(true final observation) where an episode was truncated
+    truncated_only = np.zeros((T, N), bool)
+
+    next_obs, _ = envs.reset(seed=[args.seed + global_step + i for i in range(N)])
+    if obs_rms is not None:
+        obs_rms.update(next_obs)
+    discounted = np.zeros(N)  # running discounted return, for the reward scale
+    ep_return, ep_length = np.zeros(N), np.zeros(N, np.int64)
+    recent_returns: list = []
+    progress = Progress(args.total_timesteps, args.progress)
+    sps_step, sps_time = global_step, time.time()
+    next_checkpoint = (global_step // args.checkpoint_every + 1) * args.checkpoint_every if args.checkpoint_every else None
+    status = 0
+
+    try:
+        while iteration < num_iterations and not interrupted:
+            iteration += 1
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1) / num_iterations) * args.learning_rate
+
+            # ---- rollout with pi_old ----
+            for t in range(T):
+                s = normalize_obs(next_obs, obs_rms)
+                obs[t] = s
+                with torch.inference_mode():
+                    s_t = torch.as_tensor(s, device=device)
+                    head = agent.head(s_t)
+                    a = agent.sample(head)
+                    logp_old[t] = agent.log_prob(head, a).cpu().numpy()
+                    values[t] = agent.value(s_t).cpu().numpy()
+                a = a.cpu().numpy()
+                actions[t] = a
+                env_a = a if discrete else np.clip(a, act_space.low, act_space.high)
+                next_obs, r, term, trunc, infos = envs.step(env_a)
+                global_step += N
+                done = term | trunc
+                ep_return += r
+                ep_length += 1
+                if obs_rms is not None:
+                    obs_rms.update(next_obs)
+                if ret_rms is not None:
+                    discounted = discounted * args.gamma + r
+                    ret_rms.update(discounted)
+                    r = np.clip(r / np.sqrt(ret_rms.var + 1e-8), -10.0, 10.0)
+                    discounted[done] = 0.0
+                rewards[t], terminated[t], ended[t] = r, term, done
+                truncated_only[t] = trunc & ~term
+                if truncated_only[t].any():
+                    idx = np.nonzero(truncated_only[t])[0]
+                    s_final = normalize_obs(np.stack(infos["final_obs"][idx]), obs_rms)
+                    with torch.inference_mode():
+                        V_final[t, idx] = agent.value(torch.as_tensor(s_final, device=device)).cpu().numpy()
+                for i in np.nonzero(done)[0]:
+                    writer.add_scalar("charts/episodic_return", ep_return[i], global_step)
+                    writer.add_scalar("charts/episodic_length", ep_length[i], global_step)
+                    recent_returns = (recent_returns + [float(ep_return[i])])[-20:]
+                    ep_return[i], ep_length[i] = 0.0, 0
+            with torch.inference_mode():
+                V_last = agent.value(torch.as_tensor(normalize_obs(next_obs, obs_rms), device=device)).cpu().numpy()
+
+            # ---- advantages and returns ----
+            V_next = np.concatenate([values[1:], V_last[None]], 0)
+            V_next = np.where(truncated_only, V_final, V_next)
+            A_hat = gae(rewards, values, V_next, terminated, ended, args.gamma, args.gae_lambda)
+            G = A_hat + values
+
+            b_obs = torch.as_tensor(obs.reshape(batch_size, obs_dim), device=device)
+            b_actions = torch.as_tensor(actions.reshape((batch_size,) + actions.shape[2:]), device=device)
+            b_logp_old = torch.as_tensor(logp_old.reshape(-1), device=device)
+            b_A = torch.as_tensor(A_hat.reshape(-1), device=device)
+            b_G = torch.as_tensor(G.reshape(-1), device=device)
+            b_V = torch.as_tensor(values.reshape(-1), device=device)
+            if args.norm_adv:
+                b_A = (b_A - b_A.mean()) / (b_A.std() + 1e-8)
+            with torch.no_grad():
+                b_head_old = agent.head(b_obs)
+
+            # ---- update: epochs over shuffled mini-batches ----
+            clipfracs, kl_k1s, kl_k3s = [], [], []
+            steps_done, stop = 0, False
+            for epoch in range(args.update_epochs):
+                perm = torch.randperm(batch_size, device=device)
+                for start in range(0, batch_size, args.minibatch_size):
+                    mb = perm[start:start + args.minibatch_size]
+                    head = agent.head(b_obs[mb])
+                    log_rho = agent.log_prob(head, b_actions[mb]) - b_logp_old[mb]
+                    rho = log_rho.exp()
+                    with torch.no_grad():
+                        k1, k3 = kl_k1(log_rho).mean().item(), kl_k3(log_rho).mean().item()
+                        kl_k1s.append(k1)
+                        kl_k3s.append(k3)
+                        clipfracs.append(((rho - 1.0).abs() > args.clip_eps).float().mean().item())
+                    if args.target_kl is not None and k3 > args.target_kl:
+                        stop = True
+                        break
+                    A_mb = b_A[mb]
+                    if args.loss == "clip":
+                        pg_loss = -clip_objective(rho, A_mb, args.clip_eps).mean()
+                    else:
+                        if args.kl_estimator == "exact":
+                            kl = agent.kl(b_head_old[mb], head)
+                        else:
+                            kl = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}[args.kl_estimator](log_rho)
+                        pg_loss = -(rho * A_mb).mean() + beta * kl.mean()
+                    v_loss = value_loss(agent.value(b_obs[mb]), b_G[mb], b_V[mb],
+                                        args.clip_eps if args.clip_vloss else None)
+                    entropy = agent.entropy(head).mean()
+                    loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(f"non-finite loss at global step {global_step} "
+                                            f"(policy {pg_loss.item()}, value {v_loss.item()}, entropy {entropy.item()})")
+                    optimizer.zero_grad()
+                    loss.backward()
+                    if args.max_grad_norm > 0:
+                        nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    steps_done += 1
+                if stop:
+                    break
+
+            # ---- after the update: exact KL of the whole batch, the beta rule, diagnostics ----
+            with torch.no_grad():
+                d = agent.kl(b_head_old, agent.head(b_obs)).mean().item()
+            if args.loss == "kl":
+                beta = adapt_beta(beta, d, args.kl_target)
+            now = time.time()
+            sps = (global_step - sps_step) / max(now - sps_time, 1e-9)
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+            writer.add_scalar("charts/beta", beta, global_step)
+            writer.add_scalar("charts/update_minibatches", steps_done, global_step)
+            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+            writer.add_scalar("losses/entropy", entropy.item(), global_step)
+            writer.add_scalar("losses/approx_kl", float(np.mean(kl_k3s)), global_step)
+            writer.add_scalar("losses/kl_k1", float(np.mean(kl_k1s)), global_step)
+            writer.add_scalar("losses/kl_k3", float(np.mean(kl_k3s)), global_step)
+            writer.add_scalar("losses/kl_exact", d, global_step)
+            writer.add_scalar("losses/clipfrac", float(np.mean(clipfracs)), global_step)
+            writer.add_scalar("losses/explained_variance", explained_variance(values.ravel(), G.ravel()), global_step)
+            progress.update(global_step, sps, recent_returns)
+            if args.save_model and next_checkpoint is not None and global_step >= next_checkpoint:
+                save_checkpoint(ckpt_path, checkpoint())
+                next_checkpoint += args.checkpoint_every
+    except NonFiniteLoss as e:
+        progress.close()
+        print(f"error: {e}; stopping. The last good state is in {ckpt_path}", file=sys.stderr)
+        status = 1
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+    progress.close()
+    envs.close()
+
+    if args.save_model:
+        save_checkpoint(ckpt_path, checkpoint())
+        print(f"checkpoint: {ckpt_path}")
+    if interrupted:
+        print(f"interrupted at global step {global_step}; resume with --resume {ckpt_path}", file=sys.stderr)
+        status = 130
+    if status == 0 and args.eval_episodes > 0:
+        returns = evaluate(checkpoint(), args.eval_episodes, args.seed, args.capture_video,
+                           f"{video_folder}/eval", str(device))
+        writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
+        writer.add_scalar("eval/episodic_return_std", returns.std(), global_step)
+        print(f"eval: {returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
+    writer.close()
+    print(f"done in {time.time() - t_start:.1f} s: {global_step} steps, run in {run_path}")
+    return status
+
+
+def cli() -> int:
+    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
+    try:
+        return main(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
