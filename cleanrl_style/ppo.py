@@ -183,14 +183,15 @@ class RunningMeanStd:
         self.count = 1e-4
 
     def update(self, x: np.ndarray) -> None:
-        batch_mean, batch_var, n = x.mean(0), x.var(0), x.shape[0]
+        n = x.shape[0]
+        batch_mean, batch_var = x.mean(0), (x.var(0) if n > 1 else 0.0)
         delta, total = batch_mean - self.mean, self.count + n
         self.mean = self.mean + delta * n / total
         m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
         self.var, self.count = m2 / total, total
 
     def state_dict(self) -> dict:
-        return {"mean": torch.from_numpy(self.mean), "var": torch.from_numpy(self.var), "count": self.count}
+        return {"mean": torch.tensor(self.mean), "var": torch.tensor(self.var), "count": float(self.count)}
 
     def load_state_dict(self, d: dict) -> None:
         self.mean, self.var, self.count = d["mean"].numpy().copy(), d["var"].numpy().copy(), float(d["count"])
@@ -669,7 +670,7 @@ def main(args: Args) -> int:
                 b_head_old = agent.head(b_obs)
 
             # ---- update: epochs over shuffled mini-batches ----
-            clipfracs, kl_k1s, kl_k3s = [], [], []
+            diagnostics = []  # per mini-batch: k1, k3, clip fraction
             steps_done, stop = 0, False
             for epoch in range(args.update_epochs):
                 perm = torch.randperm(batch_size, device=device)
@@ -679,11 +680,9 @@ def main(args: Args) -> int:
                     log_rho = agent.log_prob(head, b_actions[mb]) - b_logp_old[mb]
                     rho = log_rho.exp()
                     with torch.no_grad():
-                        k1, k3 = kl_k1(log_rho).mean().item(), kl_k3(log_rho).mean().item()
-                        kl_k1s.append(k1)
-                        kl_k3s.append(k3)
-                        clipfracs.append(((rho - 1.0).abs() > args.clip_eps).float().mean().item())
-                    if args.target_kl is not None and k3 > args.target_kl:
+                        diagnostics.append(torch.stack([kl_k1(log_rho).mean(), kl_k3(log_rho).mean(),
+                                                        ((rho - 1.0).abs() > args.clip_eps).float().mean()]))
+                    if args.target_kl is not None and diagnostics[-1][1].item() > args.target_kl:
                         stop = True
                         break
                     A_mb = b_A[mb]
@@ -725,11 +724,12 @@ def main(args: Args) -> int:
             writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
             writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
             writer.add_scalar("losses/entropy", entropy.item(), global_step)
-            writer.add_scalar("losses/approx_kl", float(np.mean(kl_k3s)), global_step)
-            writer.add_scalar("losses/kl_k1", float(np.mean(kl_k1s)), global_step)
-            writer.add_scalar("losses/kl_k3", float(np.mean(kl_k3s)), global_step)
+            k1, k3, clipfrac = torch.stack(diagnostics).mean(0).tolist()
+            writer.add_scalar("losses/approx_kl", k3, global_step)
+            writer.add_scalar("losses/kl_k1", k1, global_step)
+            writer.add_scalar("losses/kl_k3", k3, global_step)
             writer.add_scalar("losses/kl_exact", d, global_step)
-            writer.add_scalar("losses/clipfrac", float(np.mean(clipfracs)), global_step)
+            writer.add_scalar("losses/clipfrac", clipfrac, global_step)
             writer.add_scalar("losses/explained_variance", explained_variance(values.ravel(), G.ravel()), global_step)
             progress.update(global_step, sps, recent_returns)
             if args.save_model and next_checkpoint is not None and global_step >= next_checkpoint:

@@ -1,0 +1,1 @@
+"""Benchmarks: measurements of the scripts in cleanrl_style/, beside peers, recorded in benchmarks/results/."""

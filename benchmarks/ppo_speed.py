@@ -1,0 +1,109 @@
+"""PPO speed beside Stable-Baselines3, run the same way on this machine (needs the peers extra).
+
+    python -m benchmarks.ppo_speed cartpole --seeds 1 2 3
+        whole-process wall-clock seconds and env steps until the mean of the last 20 episodes reaches
+        475 on CartPole-v1: ppo.py with default flags, SB3 PPO with rl-zoo3's tuned hyperparameters.
+    python -m benchmarks.ppo_speed sps --env HalfCheetah-v5 --steps 40960
+        training steps per second, default continuous flags beside SB3's defaults, one torch thread each.
+
+Runs go one at a time, ours and SB3's alternating, so both see the same machine load. Prints a
+markdown table; --out also writes it (with the command, the date and the machine) to a file.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.events import first_crossing, load_scalars, newest_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed_run(cmd: list, run_parent: Path, pattern: str) -> tuple:
+    env = dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    return t0, time.time() - t0, load_scalars(newest_run(run_parent, pattern))
+
+
+def cartpole(args) -> str:
+    rows = []
+    for seed in args.seeds:
+        for name, cmd, pattern in [
+            ("ppo.py (defaults)", [sys.executable, "cleanrl_style/ppo.py", "--env", "CartPole-v1", "--seed", str(seed),
+                                   "--no-progress", "--eval-episodes", "0", "--run-dir", str(args.run_dir)],
+             f"CartPole-v1__ppo__{seed}__*"),
+            ("SB3 PPO (rl-zoo3)", [sys.executable, "benchmarks/peers/sb3_ppo.py", "--env", "CartPole-v1", "--zoo",
+                                   "--seed", str(seed), "--run-dir", str(args.run_dir)],
+             f"CartPole-v1__sb3-ppo__{seed}__*"),
+        ]:
+            t0, total, tags = timed_run(cmd, args.run_dir, pattern)
+            steps, walls, returns = tags["charts/episodic_return"]
+            i = first_crossing(returns, 475.0, 20)
+            rows.append((name, seed, None if i is None else int(steps[i]),
+                         None if i is None else float(walls[i] - t0), total))
+            print(rows[-1], flush=True)
+    lines = ["| implementation | seed | env steps to 475 | wall-clock s to 475 (whole process) | whole run s |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {n} | {s} | {st if st is not None else 'never'} | {w:.2f} | {tot:.1f} |" if w is not None
+              else f"| {n} | {s} | never | never | {tot:.1f} |" for n, s, st, w, tot in rows]
+    for name in dict.fromkeys(r[0] for r in rows):
+        mine = [r for r in rows if r[0] == name and r[3] is not None]
+        if mine:
+            lines.append(f"| **{name}: mean** | | {np.mean([r[2] for r in mine]):,.0f} | "
+                         f"{np.mean([r[3] for r in mine]):.2f} | |")
+    return "\n".join(lines)
+
+
+def sps(args) -> str:
+    rows = []
+    for seed in args.seeds:
+        for name, cmd, pattern in [
+            ("ppo.py (defaults)", [sys.executable, "cleanrl_style/ppo.py", "--env", args.env, "--seed", str(seed),
+                                   "--total-timesteps", str(args.steps), "--no-progress", "--eval-episodes", "0",
+                                   "--run-dir", str(args.run_dir)], f"{args.env}__ppo__{seed}__*"),
+            ("SB3 PPO (defaults)", [sys.executable, "benchmarks/peers/sb3_ppo.py", "--env", args.env, "--seed", str(seed),
+                                    "--total-timesteps", str(args.steps), "--run-dir", str(args.run_dir)],
+             f"{args.env}__sb3-ppo__{seed}__*"),
+        ]:
+            _, total, tags = timed_run(cmd, args.run_dir, pattern)
+            rows.append((name, seed, float(tags["charts/SPS"][2][-1]), total))
+            print(rows[-1], flush=True)
+    lines = ["| implementation | seed | training SPS | whole process s |", "|---|---|---|---|"]
+    lines += [f"| {n} | {s} | {v:,.0f} | {t:.1f} |" for n, s, v, t in rows]
+    means = {n: np.mean([r[2] for r in rows if r[0] == n]) for n in dict.fromkeys(r[0] for r in rows)}
+    lines += [f"| **{n}: mean** | | {m:,.0f} | |" for n, m in means.items()]
+    ours, theirs = means["ppo.py (defaults)"], means["SB3 PPO (defaults)"]
+    lines.append(f"\nRatio ppo.py / SB3: **{ours / theirs:.2f}×**")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["cartpole", "sps"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--env", default="HalfCheetah-v5")
+    parser.add_argument("--steps", type=int, default=40960)
+    parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "speed")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    table = cartpole(args) if args.what == "cartpole" else sps(args)
+    print(table)
+    if args.out:
+        machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python {platform.python_version()}"
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"Command: `python -m benchmarks.ppo_speed {' '.join(sys.argv[1:])}`\n\n"
+                            f"Date: {datetime.date.today()}; machine: {machine}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

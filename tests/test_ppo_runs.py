@@ -1,0 +1,118 @@
+"""ppo.py end to end: learning, determinism and faults (real environments, real processes)."""
+
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cleanrl_style import ppo
+from conftest import SCRIPTS, run_script, scalars, script_env, train
+
+
+def best_mean_of_20(returns: list) -> float:
+    r = np.array([v for _, v in returns])
+    assert len(r) >= 20, f"only {len(r)} episodes"
+    return max(r[i - 20:i].mean() for i in range(20, len(r) + 1))
+
+
+@pytest.mark.parametrize("loss", ["clip", "kl"])
+def test_cartpole_is_solved(loss, tmp):
+    run = train("ppo", tmp, "--loss", loss, "--total-timesteps", "50000", "--seed", "1")
+    tags = scalars(run)
+    assert best_mean_of_20(tags["charts/episodic_return"]) >= 475
+    assert tags["eval/episodic_return"][-1][1] >= 475
+    if loss == "kl":
+        betas = [v for _, v in tags["charts/beta"]]
+        assert len(set(betas)) > 1  # beta was adapted
+
+
+def test_inverted_pendulum_learns_to_balance(tmp):
+    run = train("ppo", tmp, "--env", "InvertedPendulum-v5", "--total-timesteps", "60000", "--seed", "1")
+    tags = scalars(run)
+    assert best_mean_of_20(tags["charts/episodic_return"]) >= 900
+    assert tags["eval/episodic_return"][-1][1] >= 900
+
+
+@pytest.mark.parametrize("env", ["CartPole-v1", "InvertedPendulum-v5"])
+def test_same_seed_same_returns(env, tmp):
+    flags = ["--env", env, "--total-timesteps", "2048", "--num-steps", "256", "--eval-episodes", "0"]
+    logs = []
+    for _ in range(2):
+        logs.append(scalars(train("ppo", tmp, *flags))["charts/episodic_return"])
+        time.sleep(1.0)  # a different unix time, so a different run directory
+    assert len(logs[0]) > 5
+    assert logs[0] == logs[1]
+
+
+@pytest.mark.parametrize("flags", [
+    ["--minibatch-size", "100"],  # does not divide the batch of 8 * 32
+    ["--gamma", "1.5"],
+    ["--gae-lambda", "-0.1"],
+    ["--total-timesteps", "10"],
+])
+def test_bad_hyperparameters_exit_2_before_writing(flags, tmp):
+    proc = run_script("ppo", *flags, "--run-dir", str(tmp / "runs"), cwd=tmp, check=False)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
+    assert list(tmp.iterdir()) == []
+
+
+def test_sigint_checkpoints_and_resume_continues(tmp):
+    cmd = [sys.executable, str(SCRIPTS / "ppo.py"), "--no-progress", "--total-timesteps", "10000000",
+           "--run-dir", str(tmp / "runs"), "--checkpoint-every", "0", "--eval-episodes", "0"]
+    proc = subprocess.Popen(cmd, cwd=tmp, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list((tmp / "runs").glob("*/events.out.tfevents.*")) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3.0)  # a few updates
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "--resume" in err
+    (run,) = list((tmp / "runs").iterdir())
+    ckpt_path = run / "ppo.pt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    step0 = ckpt["global_step"]
+    assert step0 > 0 and step0 % 256 == 0
+    adam_steps0 = ckpt["optimizer"]["state"][0]["step"].item()
+    logged = scalars(run)["charts/SPS"]
+    assert logged[-1][0] == step0  # the checkpoint holds the last finished update
+
+    target = step0 + 4 * 256
+    run_script("ppo", "--no-progress", "--resume", str(ckpt_path), "--total-timesteps", str(target),
+               "--eval-episodes", "0", cwd=tmp)
+    resumed = torch.load(ckpt_path, weights_only=True)
+    assert resumed["global_step"] == target
+    # Adam's state went on: 4 more updates of 10 epochs x 4 mini-batches each
+    assert resumed["optimizer"]["state"][0]["step"].item() == adam_steps0 + 4 * 10 * 4
+    steps = [s for s, _ in scalars(run)["charts/SPS"]]
+    assert steps[-4:] == [step0 + 256 * k for k in range(1, 5)]
+    # the learning rate schedule continued from where it stopped rather than restarting
+    lr = dict(scalars(run)["charts/learning_rate"])
+    assert lr[step0 + 256] < lr[256]
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(tmp, monkeypatch, capsys):
+    calls = []
+    real_value_loss = ppo.value_loss
+
+    def value_loss_that_breaks(*a, **k):
+        calls.append(1)
+        return real_value_loss(*a, **k) * (math.nan if len(calls) > 60 else 1.0)
+
+    monkeypatch.setattr(ppo, "value_loss", value_loss_that_breaks)
+    monkeypatch.chdir(tmp)
+    args = ppo.Args(total_timesteps=5000, run_dir=str(tmp / "runs"), progress=False, eval_episodes=0)
+    assert ppo.main(args) == 1
+    assert "non-finite loss" in capsys.readouterr().err
+    (run,) = list((tmp / "runs").iterdir())
+    ckpt = torch.load(run / "ppo.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    # the first update takes 40 mini-batch steps; the 61st loss, in the second update (at step 512), is NaN
+    assert ckpt["global_step"] == 512
