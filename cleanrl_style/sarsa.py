@@ -1,0 +1,505 @@
+"""Tabular SARSA (and Expected SARSA): on-policy TD control with an epsilon-greedy policy, in one file.
+
+Notation of the study notes (see NOTATION.md):
+
+    SARSA        Q(s_t, a_t) <- Q(s_t, a_t) + alpha (r_t + gamma Q(s_{t+1}, a_{t+1}) - Q(s_t, a_t))
+    Expected     Q(s_t, a_t) <- Q(s_t, a_t) + alpha (r_t + gamma sum_a' pi(a'|s_{t+1}) Q(s_{t+1}, a') - Q(s_t, a_t))
+    TD error     delta_t = target - Q(s_t, a_t)
+    epsilon-greedy: argmax_a Q(s, a) with probability 1 - epsilon, a uniformly random action otherwise
+
+a_{t+1} is the action the epsilon-greedy policy really takes next, chosen before the update: SARSA
+learns Q^pi of the policy that explores (on-policy), so it prices in the exploration's cost. Expected
+SARSA (--expected) replaces the sampled a_{t+1} by its expectation under pi. At a terminal s_{t+1}
+the bootstrap term is 0; at a time-limit truncation it is not (the MDP did not end): the target uses
+the true final observation and an action drawn there by the policy.
+
+Discrete observations index the table directly. Box observations (CartPole-v1) are discretised:
+each dimension is cut into --bins equal-width bins between --obs-low and --obs-high (values outside
+fall into the end bins); the defaults are the space's bounds, or a tuned table for CartPole-v1.
+
+Run:
+    python cleanrl_style/sarsa.py                               # CliffWalking-v1
+    python cleanrl_style/sarsa.py --expected                    # Expected SARSA
+    python cleanrl_style/sarsa.py --env CartPole-v1
+"""
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import numpy as np
+import torch
+import gymnasium as gym
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ALGORITHM = "sarsa"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class Args:
+    env: Annotated[str, tyro.conf.arg(aliases=("--env-id",))] = "CliffWalking-v1"
+    """gymnasium environment id (Discrete actions; Discrete or Box observations)"""
+    seed: int = 1
+    """seed of Python, numpy and the environment"""
+    expected: bool = False
+    """Expected SARSA: bootstrap from sum_a' pi(a'|s') Q(s', a') instead of Q(s', a')"""
+    total_timesteps: Optional[int] = None
+    """environment steps to train for (default: 100,000 discrete observations, 500,000 Box)"""
+    alpha: Optional[float] = None
+    """alpha, step size of the update (default: 0.5 discrete observations, 0.1 Box)"""
+    gamma: float = 0.99
+    """gamma, discount factor in [0, 1]"""
+    epsilon_start: Optional[float] = None
+    """epsilon at the start (default: 0.1 discrete observations, 1.0 Box)"""
+    epsilon_end: Optional[float] = None
+    """epsilon at the end of the decay (default: 0.1 discrete observations, 0.01 Box)"""
+    epsilon_decay_fraction: float = 0.5
+    """fraction of the run over which epsilon decays linearly from start to end (constant if they are equal)"""
+    bins: Optional[tuple[int, ...]] = None
+    """Box observations: bins per dimension, one value for all or one per dimension"""
+    obs_low: Optional[tuple[float, ...]] = None
+    """Box observations: lower bound per dimension of the discretisation"""
+    obs_high: Optional[tuple[float, ...]] = None
+    """Box observations: upper bound per dimension of the discretisation"""
+    exp_name: str = Path(__file__).stem
+    """experiment name, part of the run directory name"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """accepted for a uniform command line; the Q-table lives in numpy on the CPU"""
+    torch_deterministic: bool = True
+    """accepted for a uniform command line (no torch computation here)"""
+    capture_video: bool = False
+    """record videos of training episodes and of the final evaluation under --video-dir/{run_name}"""
+    save_model: bool = True
+    """write the checkpoint at the end, every --checkpoint-every steps and on Ctrl-C"""
+    checkpoint_every: int = 100_000
+    """write a checkpoint every this many environment steps (0: only at the end)"""
+    eval_episodes: int = 10
+    """greedy evaluation episodes at the end"""
+    run_dir: str = "runs"
+    """parent directory of the run directories"""
+    video_dir: str = "videos"
+    """parent directory of the video directories"""
+    resume: Optional[str] = None
+    """checkpoint to resume from: its run, hyperparameters, Q-table and step go on"""
+    progress: bool = True
+    """show a progress bar on a terminal"""
+
+
+DISCRETE_OBS_DEFAULTS = dict(total_timesteps=100_000, alpha=0.5, epsilon_start=0.1, epsilon_end=0.1)
+BOX_OBS_DEFAULTS = dict(total_timesteps=500_000, alpha=0.1, epsilon_start=1.0, epsilon_end=0.01)
+# Box observations: bounds where the space gives none (or gives far wider ones than an episode visits)
+KNOWN_DISCRETISATIONS = {
+    # cart position, cart velocity, pole angle (the episode ends at +-12 degrees), pole angular velocity
+    "CartPole-v1": dict(bins=(3, 3, 8, 8), obs_low=(-2.4, -3.0, -0.21, -3.5), obs_high=(2.4, 3.0, 0.21, 3.5)),
+}
+UNBOUNDED_LIMIT = 5.0  # bound used for a Box dimension that is infinite and not in the table
+EVAL_STEP_LIMIT = 1_000  # evaluation step cap for envs without a time limit (a greedy policy may loop)
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit status 2, before anything is written."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment and discretisation
+# ----------------------------------------------------------------------------------------------
+
+
+def env_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
+    """Observation and action space of `env_id`, or a UsageError if the id is unknown."""
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as e:
+        raise UsageError(f"unknown environment id '{env_id}' ({type(e).__name__})") from None
+    env = gym.make(env_id)
+    spaces = env.observation_space, env.action_space
+    env.close()
+    return spaces
+
+
+class Discretizer:
+    """Maps an observation to a row of the Q-table. Discrete: the observation itself. Box: the bin
+    of each dimension (equal-width bins between low and high, clipped at both ends), combined in
+    row-major order into one index."""
+
+    def __init__(self, n_states: Optional[int] = None, bins=None, low=None, high=None):
+        self.bins = None if bins is None else np.asarray(bins, np.int64)
+        self.low = None if low is None else np.asarray(low, np.float64)
+        self.high = None if high is None else np.asarray(high, np.float64)
+        self.n_states = int(n_states) if bins is None else int(np.prod(self.bins))
+
+    def __call__(self, s) -> int:
+        if self.bins is None:
+            return int(s)
+        frac = (np.asarray(s, np.float64) - self.low) / (self.high - self.low)
+        idx = np.clip((frac * self.bins).astype(np.int64), 0, self.bins - 1)
+        return int(np.ravel_multi_index(idx, self.bins))
+
+    def state_dict(self) -> dict:
+        if self.bins is None:
+            return {"n_states": self.n_states}
+        return {"bins": self.bins.tolist(), "low": self.low.tolist(), "high": self.high.tolist()}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "Discretizer":
+        return cls(d.get("n_states"), d.get("bins"), d.get("low"), d.get("high"))
+
+
+def make_discretizer(args: "Args", obs_space: gym.Space) -> Discretizer:
+    if isinstance(obs_space, gym.spaces.Discrete):
+        return Discretizer(n_states=obs_space.n)
+    dim = int(np.prod(obs_space.shape))
+    known = KNOWN_DISCRETISATIONS.get(args.env, {})
+    bins = args.bins or known.get("bins") or (6,)
+    low = args.obs_low or known.get("obs_low") or tuple(np.where(np.isfinite(obs_space.low), obs_space.low, -UNBOUNDED_LIMIT))
+    high = args.obs_high or known.get("obs_high") or tuple(np.where(np.isfinite(obs_space.high), obs_space.high, UNBOUNDED_LIMIT))
+    bins = tuple(bins) * dim if len(bins) == 1 else tuple(bins)
+    if len(bins) != dim or len(low) != dim or len(high) != dim:
+        raise UsageError(f"--bins, --obs-low and --obs-high need 1 or {dim} values for {args.env}")
+    if min(bins) < 1 or any(h <= l for l, h in zip(low, high)):
+        raise UsageError("--bins must be >= 1 and --obs-high above --obs-low in every dimension")
+    if np.prod(bins) > 10_000_000:
+        raise UsageError(f"{np.prod(bins):,} states: too many for a table; use fewer --bins")
+    return Discretizer(bins=bins, low=low, high=high)
+
+
+def make_env(env_id: str, capture_video: bool, video_folder: str, name_prefix: str, trigger=None) -> gym.Env:
+    if capture_video:
+        env = gym.make(env_id, render_mode="rgb_array")
+        return gym.wrappers.RecordVideo(env, video_folder, name_prefix=name_prefix, episode_trigger=trigger,
+                                       disable_logger=True)
+    return gym.make(env_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# The algorithm's math
+# ----------------------------------------------------------------------------------------------
+
+
+def epsilon_schedule(step: int, total: int, start: float, end: float, decay_fraction: float) -> float:
+    """Linear decay from start to end over the first decay_fraction of the run, then constant."""
+    duration = decay_fraction * total
+    if duration <= 0:
+        return end
+    return start + (end - start) * min(step / duration, 1.0)
+
+
+def epsilon_greedy(Q_s: np.ndarray, epsilon: float, rng: np.random.Generator) -> int:
+    """argmax_a Q(s, a) (ties broken at random) with probability 1 - epsilon, else a random action."""
+    if rng.random() < epsilon:
+        return int(rng.integers(len(Q_s)))
+    return int(rng.choice(np.flatnonzero(Q_s == Q_s.max())))
+
+
+def sarsa_target(r: float, Q_next: np.ndarray, a_next: int, terminated: bool, gamma: float) -> float:
+    """r_t + gamma Q(s_{t+1}, a_{t+1}); just r_t when s_{t+1} is terminal."""
+    return float(r) if terminated else float(r) + gamma * float(Q_next[a_next])
+
+
+def epsilon_greedy_probs(Q_s: np.ndarray, epsilon: float) -> np.ndarray:
+    """pi(a|s) of epsilon-greedy: epsilon / |A| each, plus 1 - epsilon shared by the maximisers."""
+    greedy = Q_s == Q_s.max()
+    return epsilon / len(Q_s) + (1.0 - epsilon) * greedy / greedy.sum()
+
+
+def expected_sarsa_target(r: float, Q_next: np.ndarray, epsilon: float, terminated: bool, gamma: float) -> float:
+    """r_t + gamma sum_a' pi(a'|s_{t+1}) Q(s_{t+1}, a'); just r_t when s_{t+1} is terminal."""
+    return float(r) if terminated else float(r) + gamma * float(epsilon_greedy_probs(Q_next, epsilon) @ Q_next)
+
+
+def td_update(Q: np.ndarray, s: int, a: int, target: float, alpha: float) -> float:
+    """Q(s, a) <- Q(s, a) + alpha (target - Q(s, a)); returns the TD error delta = target - Q(s, a)."""
+    delta = target - Q[s, a]
+    Q[s, a] += alpha * delta
+    return float(delta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures, arguments, checkpoint, evaluation
+# ----------------------------------------------------------------------------------------------
+
+# Grid worlds: (rows, cols) of the grid and the (dx, dy) arrow of each action, y pointing up.
+GRID_ARROWS = {
+    "CliffWalking": {0: (0, 1), 1: (1, 0), 2: (0, -1), 3: (-1, 0)},  # up, right, down, left
+    "FrozenLake": {0: (-1, 0), 1: (0, -1), 2: (1, 0), 3: (0, 1)},  # left, down, right, up
+}
+
+
+def grid_shape(env: gym.Env) -> Optional[tuple[int, int]]:
+    u = env.unwrapped
+    if hasattr(u, "shape") and len(u.shape) == 2:
+        return tuple(u.shape)
+    if hasattr(u, "nrow") and hasattr(u, "ncol"):
+        return (u.nrow, u.ncol)
+    return None
+
+
+def policy_figure(Q: np.ndarray, env_id: str, shape: tuple[int, int], title: str):
+    """The greedy policy as arrows over V(s) = max_a Q(s, a) as a heat map."""
+    arrows = next(v for k, v in GRID_ARROWS.items() if env_id.startswith(k))
+    rows, cols = shape
+    visited = ~np.all(Q == 0, axis=1)  # states never updated: terminal, a hole, the cliff, or unvisited
+    V = np.ma.masked_array(Q.max(1), ~visited).reshape(rows, cols)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * cols + 1.5), max(2.5, 0.6 * rows + 0.8)))
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("lightgrey")
+    im = ax.imshow(V, cmap=cmap)
+    fig.colorbar(im, ax=ax, label="V(s) = max_a Q(s, a)")
+    for s in np.flatnonzero(visited):
+        dx, dy = arrows[int(np.argmax(Q[s]))]
+        r, c = divmod(s, cols)
+        ax.arrow(c - 0.25 * dx, r + 0.25 * dy, 0.5 * dx, -0.5 * dy, head_width=0.18, head_length=0.15,
+                 length_includes_head=True, color="white")
+    ax.set_xticks(range(cols))
+    ax.set_yticks(range(rows))
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def resolve_args(args: Args, discrete_obs: bool) -> Args:
+    defaults = DISCRETE_OBS_DEFAULTS if discrete_obs else BOX_OBS_DEFAULTS
+    args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
+    checks = [
+        (0.0 <= args.gamma <= 1.0, f"--gamma must lie in [0, 1], got {args.gamma}"),
+        (0.0 < args.alpha <= 1.0, f"--alpha must lie in (0, 1], got {args.alpha}"),
+        (0.0 <= args.epsilon_start <= 1.0 and 0.0 <= args.epsilon_end <= 1.0, "epsilon must lie in [0, 1]"),
+        (0.0 <= args.epsilon_decay_fraction <= 1.0, "--epsilon-decay-fraction must lie in [0, 1]"),
+        (args.total_timesteps >= 1, "--total-timesteps must be at least 1"),
+        (args.eval_episodes >= 0 and args.checkpoint_every >= 0, "--eval-episodes and --checkpoint-every must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    return args
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise UsageError(f"cannot load checkpoint '{path}': {str(e).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("algorithm") != ALGORITHM:
+        raise UsageError(f"'{path}' is not a {ALGORITHM} checkpoint")
+    return ckpt
+
+
+def save_checkpoint(path: Path, ckpt: dict) -> None:
+    """Write atomically: a crash mid-write never leaves a half-written checkpoint behind."""
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def evaluate(ckpt: dict, episodes: int, seed: int, capture_video: bool = False,
+             video_folder: Optional[str] = None, device: str = "cpu") -> np.ndarray:
+    """Returns of `episodes` episodes of the greedy policy argmax_a Q(s, a) (first maximum on ties).
+    Episode k resets with seed + k; an env without a time limit is cut at EVAL_STEP_LIMIT steps."""
+    Q = ckpt["model"]["Q"].numpy()
+    phi = Discretizer.from_state_dict(ckpt["discretizer"])
+    env = make_env(ckpt["env_id"], capture_video, video_folder, "eval", trigger=lambda e: e == 0)
+    if env.spec is None or env.spec.max_episode_steps is None:
+        env = gym.wrappers.TimeLimit(env, EVAL_STEP_LIMIT)
+    returns = []
+    for k in range(episodes):
+        s, _ = env.reset(seed=seed + k)
+        G, done = 0.0, False
+        while not done:
+            s, r, terminated, truncated, _ = env.step(int(np.argmax(Q[phi(s)])))
+            G += float(r)
+            done = terminated or truncated
+        returns.append(G)
+    env.close()
+    return np.array(returns)
+
+
+class Progress:
+    """A one-line progress bar on stderr: steps, steps per second, mean of the recent returns."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.last = total, enabled and sys.stderr.isatty(), 0.0
+
+    def update(self, step: int, sps: float, recent: list) -> None:
+        now = time.time()
+        if not self.enabled or now - self.last < 0.2:
+            return
+        self.last = now
+        done = int(30 * step / self.total)
+        ret = f"{np.mean(recent):9.1f}" if recent else "      n/a"
+        sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {step:>10,}/{self.total:,} steps "
+                         f"| {sps:7,.0f} SPS | return {ret}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def main(args: Args) -> int:
+    """Train; return the process exit status (0 done, 130 interrupted)."""
+    t_start = time.time()
+    ckpt = None
+    if args.resume is not None:
+        ckpt = load_checkpoint(args.resume)
+        resumed = Args(**{**ckpt["args"], "resume": args.resume, "progress": args.progress})
+        if args.total_timesteps is not None:
+            resumed.total_timesteps = args.total_timesteps
+        args = resumed
+    obs_space, act_space = env_spaces(args.env)
+    if not isinstance(act_space, gym.spaces.Discrete):
+        raise UsageError(f"tabular {ALGORITHM} needs a Discrete action space; {args.env} has {act_space}")
+    if not isinstance(obs_space, (gym.spaces.Discrete, gym.spaces.Box)):
+        raise UsageError(f"tabular {ALGORITHM} needs Discrete or Box observations; {args.env} has {obs_space}")
+    discrete_obs = isinstance(obs_space, gym.spaces.Discrete)
+    args = resolve_args(args, discrete_obs)
+    phi = Discretizer.from_state_dict(ckpt["discretizer"]) if ckpt else make_discretizer(args, obs_space)
+    n_actions = int(act_space.n)
+    print(f"{ALGORITHM} on {args.env}: {phi.n_states:,} states x {n_actions} actions"
+          + ("" if discrete_obs else f" (bins {phi.bins.tolist()}, low {phi.low.tolist()}, high {phi.high.tolist()})")
+          + f"; total_timesteps={args.total_timesteps}, alpha={args.alpha}, gamma={args.gamma}, "
+          f"epsilon {args.epsilon_start} -> {args.epsilon_end} over {args.epsilon_decay_fraction:.0%} of the run")
+
+    # ---- seeding and run directory (nothing is written before this point) ----
+    random.seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    torch.manual_seed(args.seed)
+    if ckpt is not None:
+        run_path = Path(args.resume).parent
+        run_name = run_path.name
+    else:
+        run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(t_start)}"
+        run_path = Path(args.run_dir) / run_name
+    run_path.mkdir(parents=True, exist_ok=True)
+    (run_path / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    writer = SummaryWriter(str(run_path))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n"
+                    + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
+    video_folder = str(Path(args.video_dir) / run_name)
+    env = make_env(args.env, args.capture_video, f"{video_folder}/train", "train")
+
+    Q = np.zeros((phi.n_states, n_actions))
+    global_step, episode = 0, 0
+    if ckpt is not None:
+        Q = ckpt["model"]["Q"].numpy().copy()
+        global_step, episode = ckpt["global_step"], ckpt["episode"]
+        rng = np.random.default_rng([args.seed, global_step])
+        print(f"resumed {args.resume} at global step {global_step}")
+    ckpt_path = run_path / f"{args.exp_name}.pt"
+
+    def checkpoint() -> dict:
+        return {
+            "format_version": CHECKPOINT_FORMAT, "algorithm": ALGORITHM, "env_id": args.env,
+            "args": dataclasses.asdict(args), "global_step": global_step, "episode": episode,
+            "model": {"Q": torch.from_numpy(Q.copy())}, "optimizer": {}, "discretizer": phi.state_dict(),
+        }
+
+    interrupted = []
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+
+    s_raw, _ = env.reset(seed=args.seed + episode)
+    s = phi(s_raw)
+    epsilon = epsilon_schedule(global_step, args.total_timesteps, args.epsilon_start, args.epsilon_end,
+                               args.epsilon_decay_fraction)
+    a = epsilon_greedy(Q[s], epsilon, rng)
+    ep_return, ep_length = 0.0, 0
+    recent_returns: list = []
+    abs_deltas: list = []
+    progress = Progress(args.total_timesteps, args.progress)
+    sps_step, sps_time = global_step, time.time()
+    next_checkpoint = (global_step // args.checkpoint_every + 1) * args.checkpoint_every if args.checkpoint_every else None
+    try:
+        while global_step < args.total_timesteps and not interrupted:
+            epsilon = epsilon_schedule(global_step, args.total_timesteps, args.epsilon_start, args.epsilon_end,
+                                       args.epsilon_decay_fraction)
+            s_next_raw, r, terminated, truncated, _ = env.step(a)
+            global_step += 1
+            s_next = phi(s_next_raw)  # on a truncation: the true final observation, bootstrapped from
+            a_next = epsilon_greedy(Q[s_next], epsilon, rng)  # a_{t+1}, from the same policy: on-policy
+            if args.expected:
+                target = expected_sarsa_target(r, Q[s_next], epsilon, terminated, args.gamma)
+            else:
+                target = sarsa_target(r, Q[s_next], a_next, terminated, args.gamma)
+            delta = td_update(Q, s, a, target, args.alpha)
+            abs_deltas.append(abs(delta))
+            ep_return += float(r)
+            ep_length += 1
+            s, a = s_next, a_next
+            if terminated or truncated:
+                episode += 1
+                writer.add_scalar("charts/episodic_return", ep_return, global_step)
+                writer.add_scalar("charts/episodic_length", ep_length, global_step)
+                recent_returns = (recent_returns + [ep_return])[-100:]
+                ep_return, ep_length = 0.0, 0
+                s = phi(env.reset()[0])
+                a = epsilon_greedy(Q[s], epsilon, rng)
+            if global_step % 1000 == 0 or global_step == args.total_timesteps:
+                sps = (global_step - sps_step) / max(time.time() - sps_time, 1e-9)
+                writer.add_scalar("charts/SPS", sps, global_step)
+                writer.add_scalar("charts/learning_rate", args.alpha, global_step)
+                writer.add_scalar("charts/epsilon", epsilon, global_step)
+                writer.add_scalar("losses/td_error", float(np.mean(abs_deltas)), global_step)
+                abs_deltas = []
+                progress.update(global_step, sps, recent_returns)
+            if args.save_model and next_checkpoint is not None and global_step >= next_checkpoint:
+                save_checkpoint(ckpt_path, checkpoint())
+                next_checkpoint += args.checkpoint_every
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+    progress.close()
+    env.close()
+    status = 0
+    if args.save_model:
+        save_checkpoint(ckpt_path, checkpoint())
+        print(f"checkpoint: {ckpt_path}")
+    if interrupted:
+        print(f"interrupted at global step {global_step}; resume with --resume {ckpt_path}", file=sys.stderr)
+        status = 130
+    shape = grid_shape(gym.make(args.env)) if any(args.env.startswith(k) for k in GRID_ARROWS) else None
+    if shape is not None:
+        fig = policy_figure(Q, args.env, shape, f"{ALGORITHM} greedy policy, {args.env}, step {global_step}")
+        fig.savefig(run_path / "greedy_policy.png", dpi=100)
+        writer.add_figure("charts/greedy_policy", fig, global_step)
+    if status == 0 and args.eval_episodes > 0:
+        returns = evaluate(checkpoint(), args.eval_episodes, args.seed, args.capture_video, f"{video_folder}/eval")
+        writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
+        writer.add_scalar("eval/episodic_return_std", returns.std(), global_step)
+        print(f"eval: {returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
+    writer.close()
+    print(f"done in {time.time() - t_start:.1f} s: {global_step} steps, {episode} episodes, run in {run_path}")
+    return status
+
+
+def cli() -> int:
+    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
+    try:
+        return main(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
