@@ -42,7 +42,7 @@ def cartpole(args) -> str:
             ("ppo.py (defaults)", [sys.executable, "cleanrl_style/ppo.py", "--env", "CartPole-v1", "--seed", str(seed),
                                    "--no-progress", "--eval-episodes", "0", "--run-dir", str(args.run_dir)],
              f"CartPole-v1__ppo__{seed}__*"),
-            ("SB3 PPO (rl-zoo3)", [sys.executable, "benchmarks/peers/sb3_ppo.py", "--env", "CartPole-v1", "--zoo",
+            ("SB3 PPO (rl-zoo3)", [sys.executable, "benchmarks/peers/sb3.py", "--algo", "ppo", "--env", "CartPole-v1", "--zoo", "--eval-episodes", "0",
                                    "--seed", str(seed), "--run-dir", str(args.run_dir)],
              f"CartPole-v1__sb3-ppo__{seed}__*"),
         ]:
@@ -71,7 +71,7 @@ def sps(args) -> str:
             ("ppo.py (defaults)", [sys.executable, "cleanrl_style/ppo.py", "--env", args.env, "--seed", str(seed),
                                    "--total-timesteps", str(args.steps), "--no-progress", "--eval-episodes", "0",
                                    "--run-dir", str(args.run_dir)], f"{args.env}__ppo__{seed}__*"),
-            ("SB3 PPO (defaults)", [sys.executable, "benchmarks/peers/sb3_ppo.py", "--env", args.env, "--seed", str(seed),
+            ("SB3 PPO (defaults)", [sys.executable, "benchmarks/peers/sb3.py", "--algo", "ppo", "--env", args.env, "--seed", str(seed), "--eval-episodes", "0",
                                     "--total-timesteps", str(args.steps), "--run-dir", str(args.run_dir)],
              f"{args.env}__sb3-ppo__{seed}__*"),
         ]:

@@ -1,0 +1,69 @@
+"""The benchmark harness: sweeps over algorithms x environments x seeds, and their reports.
+
+    python -m benchmarks run --suite classic [--algos ppo sb3-ppo] [--envs CartPole-v1] [--seeds 1 2 3]
+                             [--total-timesteps N] [--workers N] [--out DIR] [--backend local|ray]
+    python -m benchmarks report [--out DIR]
+
+Each run is its own process with one torch thread; --workers run at once (default: the cores). A
+second `run` with the same arguments skips the runs that finished and redoes the others. A failed
+run is reported with the tail of its log, the sweep goes on, and `run` exits 1 naming every failed
+run. `report` reads the event files under DIR and writes DIR/report.md, DIR/figures/*.png and
+DIR/curves.csv. Peers (the peers extra): sb3-ppo, sb3-a2c, sb3-dqn, sb3-trpo in --algos.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from benchmarks.report import report
+from benchmarks.sweep import ROOT, load_suite, sweep
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a suite (resumable)")
+    run.add_argument("--suite", required=True, help="a file benchmarks/suites/NAME.toml: smoke, classic, mujoco")
+    run.add_argument("--algos", nargs="+", help="override the suite's algorithms (peers: sb3-ppo, sb3-a2c, ...)")
+    run.add_argument("--envs", nargs="+", help="override the suite's environments")
+    run.add_argument("--seeds", nargs="+", type=int, help="override the suite's seeds")
+    run.add_argument("--total-timesteps", type=int, help="override the suite's budget")
+    run.add_argument("--workers", type=int, default=os.cpu_count(), help="runs at once (default: the cores)")
+    run.add_argument("--out", type=Path, help="output directory (default: benchmarks/out/SUITE)")
+    run.add_argument("--backend", choices=["local", "ray"], default="local", help="process pool, or a Ray cluster")
+    run.add_argument("--ray-address", help="Ray cluster address (default: start or join a local one)")
+    run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    rep = sub.add_parser("report", help="write the report of a sweep directory")
+    rep.add_argument("--out", type=Path, required=True, help="the sweep's output directory")
+    args = parser.parse_args(argv)
+
+    command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.command == "report":
+        if not (args.out / "status").is_dir():
+            print(f"error: {args.out} holds no sweep (no status/ directory)", file=sys.stderr)
+            return 2
+        print(report(args.out, command))
+        return 0
+    try:
+        suite = load_suite(args.suite)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    overrides = {"algos": args.algos, "envs": args.envs, "seeds": args.seeds, "total_timesteps": args.total_timesteps}
+    suite = dataclasses.replace(suite, **{k: v for k, v in overrides.items() if v is not None})
+    missing = [a for a in suite.algos if not a.startswith("sb3-") and not (ROOT / "cleanrl_style" / f"{a}.py").is_file()]
+    if missing or args.workers < 1:
+        print(f"error: no script for {', '.join(missing)} in cleanrl_style/" if missing else "error: --workers must be >= 1",
+              file=sys.stderr)
+        return 2
+    out = args.out or ROOT / "benchmarks" / "out" / suite.name
+    status = sweep(suite, out, args.workers, args.backend, args.ray_address)
+    if not args.no_report:
+        print(f"report: {report(out, command)}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Stable-Baselines3 (and sb3-contrib) runs, logged in this project's TensorBoard layout.
+
+    python benchmarks/peers/sb3.py --algo ppo --env CartPole-v1 --zoo    # rl-zoo3's tuned CartPole PPO
+    python benchmarks/peers/sb3.py --algo ppo --env HalfCheetah-v5       # SB3's defaults
+
+Takes the flags the benchmark harness gives every script (--env, --seed, --total-timesteps,
+--run-dir, --eval-episodes, --no-progress) and writes runs/{env}__sb3-{algo}__{seed}__{unix_time}/
+with charts/episodic_return and charts/episodic_length per finished episode, charts/SPS (env steps
+over the seconds of learn()) and eval/episodic_return (the deterministic policy at the end).
+Hyperparameters are SB3's defaults unless --zoo. Needs the peers extra: pip install -e ".[peers]".
+"""
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    algo: Literal["ppo", "a2c", "dqn", "trpo"] = "ppo"
+    """the SB3 algorithm (trpo comes from sb3-contrib)"""
+    env: Annotated[str, tyro.conf.arg(aliases=("--env-id",))] = "CartPole-v1"
+    """gymnasium environment id"""
+    seed: int = 1
+    """seed of SB3 and the environments"""
+    total_timesteps: Optional[int] = None
+    """environment steps (default: 100,000 discrete actions, 1,000,000 continuous)"""
+    zoo: bool = False
+    """rl-zoo3's tuned hyperparameters for CartPole-v1 PPO instead of SB3's defaults"""
+    eval_episodes: int = 10
+    """deterministic evaluation episodes at the end"""
+    run_dir: str = "runs"
+    """parent directory of the run directory"""
+    threads: int = 1
+    """torch CPU threads"""
+    progress: bool = True
+    """accepted for the harness; SB3's own output is off"""
+
+
+# rl-zoo3 hyperparams/ppo.yml, CartPole-v1 (lin_ = linear decay to 0 over the run)
+ZOO = {("ppo", "CartPole-v1"): dict(n_envs=8, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20,
+                                    ent_coef=0.0, learning_rate=1e-3, clip_range=0.2)}
+LINEAR = ("learning_rate", "clip_range")
+
+
+def main(args: Args) -> int:
+    from stable_baselines3 import A2C, DQN, PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    try:
+        gym.spec(args.env)
+    except gym.error.Error as e:
+        print(f"error: unknown environment id '{args.env}' ({type(e).__name__})", file=sys.stderr)
+        return 2
+    if args.algo == "trpo":
+        from sb3_contrib import TRPO as Algo
+    else:
+        Algo = {"ppo": PPO, "a2c": A2C, "dqn": DQN}[args.algo]
+    torch.set_num_threads(args.threads)
+    discrete = isinstance(gym.make(args.env).action_space, gym.spaces.Discrete)
+    total = args.total_timesteps or (100_000 if discrete else 1_000_000)
+    hp, n_envs = {}, 1
+    if args.zoo:
+        if (args.algo, args.env) not in ZOO:
+            print(f"error: no rl-zoo3 hyperparameters here for {args.algo} on {args.env}", file=sys.stderr)
+            return 2
+        hp = dict(ZOO[(args.algo, args.env)])
+        n_envs = hp.pop("n_envs")
+        for k in LINEAR:
+            if k in hp:
+                hp[k] = (lambda v: lambda f: f * v)(hp[k])
+    run = Path(args.run_dir) / f"{args.env}__sb3-{args.algo}__{args.seed}__{int(time.time())}"
+    writer = SummaryWriter(str(run))
+    writer.add_text("hyperparameters", f"SB3 {args.algo}, {'rl-zoo3' if args.zoo else 'defaults'}: {ZOO.get((args.algo, args.env)) if args.zoo else {}}")
+
+    class Log(BaseCallback):
+        def _on_step(self) -> bool:
+            for info in self.locals["infos"]:
+                if "episode" in info:
+                    writer.add_scalar("charts/episodic_return", info["episode"]["r"], self.num_timesteps)
+                    writer.add_scalar("charts/episodic_length", info["episode"]["l"], self.num_timesteps)
+            return True
+
+    env = make_vec_env(args.env, n_envs=n_envs, seed=args.seed)
+    model = Algo("MlpPolicy", env, seed=args.seed, device="cpu", verbose=0, **hp)
+    t0 = time.time()
+    model.learn(total, callback=Log())
+    writer.add_scalar("charts/SPS", model.num_timesteps / (time.time() - t0), model.num_timesteps)
+    if args.eval_episodes > 0:
+        eval_env = gym.make(args.env)
+        eval_env.reset(seed=args.seed)
+        returns, _ = evaluate_policy(model, eval_env, n_eval_episodes=args.eval_episodes, deterministic=True,
+                                     return_episode_rewards=True)
+        writer.add_scalar("eval/episodic_return", float(np.mean(returns)), model.num_timesteps)
+    writer.close()
+    print(f"sb3-{args.algo} {args.env} seed {args.seed}: {model.num_timesteps} steps, run in {run}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(tyro.cli(Args)))

@@ -1,0 +1,167 @@
+"""Turn a sweep's event files into a markdown report, PNG learning curves and a CSV of the curves.
+
+Per run: the training curve is the mean of the last 20 finished episodes, read at each point of a
+common grid of env steps (and of whole-process seconds). Per algorithm and env: the mean over seeds
+with a 95% percentile-bootstrap band; in the table, the IQM over seeds (with a 95% bootstrap CI) of
+the mean of the last 100 training episodes and of the final deterministic evaluation, the env steps
+and seconds until the 20-episode mean first reaches the suite's threshold, and the steps per second.
+"""
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from benchmarks.events import first_crossing, load_scalars  # noqa: E402
+from benchmarks.stats import bootstrap_band, bootstrap_ci, iqm  # noqa: E402
+
+WINDOW = 20  # episodes in the running mean of a curve and in the threshold test
+FINAL = 100  # training episodes in the final-return figure
+GRID = 100  # points of the common grid
+
+
+def load_runs(out: Path) -> tuple[list, list]:
+    """(finished runs with their scalars, failed statuses) of a sweep directory."""
+    finished, failed = [], []
+    for path in sorted((out / "status").glob("*.json")):
+        status = json.loads(path.read_text())
+        run_parent = out / "runs" / f"{status['algo']}__{status['env']}__{status['seed']}"
+        run_dirs = sorted(p for p in run_parent.glob("*") if p.is_dir()) if run_parent.exists() else []
+        if status["returncode"] != 0 or not run_dirs:
+            failed.append(status)
+            continue
+        tags = load_scalars(run_dirs[-1])
+        if "charts/episodic_return" not in tags:
+            failed.append({**status, "returncode": "no episodes logged"})
+            continue
+        finished.append({**status, "run_dir": str(run_dirs[-1]), "tags": tags})
+    return finished, failed
+
+
+def running_mean(values: np.ndarray, window: int = WINDOW) -> np.ndarray:
+    """Mean of the last `window` values at each index (fewer at the start)."""
+    c = np.cumsum(np.insert(np.asarray(values, np.float64), 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(idx - window, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def on_grid(x: np.ndarray, y: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """The step function (x_i, y_i) at each grid point: y of the last x_i <= g; NaN before x_0 and after x_n."""
+    i = np.searchsorted(x, grid, side="right") - 1
+    return np.where((i >= 0) & (grid <= x[-1]), y[np.clip(i, 0, None)], np.nan)
+
+
+def summarise(runs: list, threshold: "float | None") -> dict:
+    final = [float(np.mean(r["tags"]["charts/episodic_return"][2][-FINAL:])) for r in runs]
+    evals = [float(r["tags"]["eval/episodic_return"][2][-1]) for r in runs if "eval/episodic_return" in r["tags"]]
+    steps_to, secs_to = [], []
+    if threshold is not None:
+        for r in runs:
+            steps, walls, returns = r["tags"]["charts/episodic_return"]
+            i = first_crossing(returns, threshold, WINDOW)
+            if i is not None:
+                steps_to.append(int(steps[i]))
+                secs_to.append(float(walls[i] - r["start_time"]))
+    sps = [float(r["tags"]["charts/SPS"][2][-1]) for r in runs if "charts/SPS" in r["tags"]]
+    return {"n": len(runs), "final": final, "eval": evals, "steps_to": steps_to, "secs_to": secs_to, "sps": sps}
+
+
+def fmt_ci(values: list) -> str:
+    if not values:
+        return "–"
+    lo, hi = bootstrap_ci(values)
+    return f"{iqm(values):.1f} [{lo:.1f}, {hi:.1f}]"
+
+
+def figure(env: str, by_algo: dict, path: Path, csv_rows: list) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, xkey in zip(axes, ["steps", "seconds"]):
+        x_max = 0.0
+        series = {}
+        for algo, runs in by_algo.items():
+            per_seed = []
+            for r in runs:
+                steps, walls, returns = r["tags"]["charts/episodic_return"]
+                x = steps.astype(float) if xkey == "steps" else walls - r["start_time"]
+                per_seed.append((x, running_mean(returns), r["seed"]))
+                x_max = max(x_max, float(x[-1]))
+            series[algo] = per_seed
+        grid = np.linspace(0, x_max, GRID)
+        for algo, per_seed in series.items():
+            curves = np.array([on_grid(x, y, grid) for x, y, _ in per_seed])
+            if xkey == "steps":
+                for (_, _, seed), curve in zip(per_seed, curves):
+                    csv_rows.extend((env, algo, seed, int(g), v) for g, v in zip(grid, curve) if np.isfinite(v))
+            ok = np.all(np.isfinite(curves), 0)
+            if not ok.any():
+                continue
+            mean, lo, hi = bootstrap_band(curves[:, ok])
+            line, = ax.plot(grid[ok], mean, label=f"{algo} ({len(per_seed)} seeds)")
+            ax.fill_between(grid[ok], lo, hi, color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("environment steps" if xkey == "steps" else "wall-clock seconds (whole process)")
+        ax.set_ylabel(f"episodic return (mean of last {WINDOW})")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{env}: mean over seeds, 95% bootstrap band")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def report(out: Path, command: str = "") -> Path:
+    """Write out/report.md, out/figures/{env}.png and out/curves.csv; return the report's path."""
+    suite = json.loads((out / "suite.json").read_text()) if (out / "suite.json").exists() else {}
+    thresholds = suite.get("thresholds", {})
+    finished, failed = load_runs(out)
+    (out / "figures").mkdir(exist_ok=True)
+    envs = list(dict.fromkeys([r["env"] for r in finished] + [f["env"] for f in failed]))
+    lines = [f"# Benchmark report: {suite.get('name', out.name)}", ""]
+    if command:
+        lines.append(f"Command: `{command}`  ")
+    machine = f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
+    lines += [f"Date: {datetime.date.today()}; machine: {machine}", "",
+              f"Final return: IQM over seeds of the mean of the last {FINAL} training episodes; eval: IQM of the "
+              "deterministic evaluation at the end; brackets: 95% bootstrap CI over seeds. Steps and seconds to the "
+              f"threshold: mean over the seeds whose {WINDOW}-episode mean reached it (seconds from process start).", ""]
+    csv_rows = []
+    for env in envs:
+        runs = [r for r in finished if r["env"] == env]
+        by_algo = {a: [r for r in runs if r["algo"] == a] for a in dict.fromkeys(r["algo"] for r in runs)}
+        threshold = thresholds.get(env)
+        lines += [f"## {env}" + (f" (threshold {threshold:g})" if threshold is not None else ""), "",
+                  "| algorithm | seeds | final return | eval return | reached | env steps to threshold | "
+                  "seconds to threshold | steps per second |", "|---|---|---|---|---|---|---|---|"]
+        for algo, algo_runs in by_algo.items():
+            s = summarise(algo_runs, threshold)
+            steps = f"{np.mean(s['steps_to']):,.0f}" if s["steps_to"] else "–"
+            secs = f"{np.mean(s['secs_to']):.1f}" if s["secs_to"] else "–"
+            sps = f"{np.mean(s['sps']):,.0f}" if s["sps"] else "–"
+            lines.append(f"| {algo} | {s['n']} | {fmt_ci(s['final'])} | {fmt_ci(s['eval'])} | "
+                         f"{len(s['steps_to'])}/{s['n']} | {steps} | {secs} | {sps} |")
+        env_failed = [f for f in failed if f["env"] == env]
+        for f in env_failed:
+            lines.append(f"| {f['algo']} seed {f['seed']} | FAILED (exit {f['returncode']}) | | | | | | |")
+        if by_algo:
+            png = out / "figures" / f"{env}.png"
+            figure(env, by_algo, png, csv_rows)
+            lines += ["", f"![{env}](figures/{png.name})"]
+        lines.append("")
+    if failed:
+        lines += ["## Failed runs", ""]
+        lines += [f"- {f['algo']} on {f['env']}, seed {f['seed']}: exit {f['returncode']}, log `{f['log']}`" for f in failed]
+        lines.append("")
+    with open(out / "curves.csv", "w") as fh:
+        fh.write("env,algo,seed,step,return_mean_last_20\n")
+        fh.writelines(f"{e},{a},{s},{x},{v:.4f}\n" for e, a, s, x, v in csv_rows)
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

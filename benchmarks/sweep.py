@@ -1,0 +1,167 @@
+"""Run every (algorithm, env, seed) of a suite, each as its own process, and keep the record.
+
+Layout under --out DIR:
+    DIR/runs/{algo}__{env}__{seed}/{the script's run directory}    TensorBoard events, checkpoint
+    DIR/logs/{algo}__{env}__{seed}.log                             the process's stdout and stderr
+    DIR/status/{algo}__{env}__{seed}.json                          command, exit status, start time, seconds
+
+A run counts as finished when its status file says exit status 0. A later call with the same
+arguments skips finished runs and redoes the others (their half-written run directory is cleared;
+the log of the failed attempt is kept beside the new one as .log.1, .log.2, ...).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITES = Path(__file__).resolve().parent / "suites"
+
+
+@dataclass
+class Suite:
+    name: str
+    algos: list
+    envs: list
+    seeds: list
+    total_timesteps: "int | None" = None
+    thresholds: dict = field(default_factory=dict)
+    flags: dict = field(default_factory=dict)
+
+
+def load_suite(name: str) -> Suite:
+    """A suite by name (benchmarks/suites/NAME.toml) or by the path of a .toml file."""
+    path = Path(name) if name.endswith(".toml") else SUITES / f"{name}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in SUITES.glob("*.toml")))
+        raise ValueError(f"unknown suite '{name}' (known: {known})")
+    data = tomllib.loads(path.read_text())
+    return Suite(name=path.stem, algos=data["algos"], envs=data["envs"], seeds=data["seeds"],
+                 total_timesteps=data.get("total_timesteps"), thresholds=data.get("thresholds", {}),
+                 flags=data.get("flags", {}))
+
+
+@dataclass(frozen=True)
+class Run:
+    algo: str
+    env: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.algo}__{self.env}__{self.seed}"
+
+
+def script_for(algo: str) -> Path:
+    """Our scripts live in cleanrl_style/{algo}.py; peers are named sb3-{algo}."""
+    if algo.startswith("sb3-"):
+        return ROOT / "benchmarks" / "peers" / "sb3.py"
+    return ROOT / "cleanrl_style" / f"{algo}.py"
+
+
+def command(run: Run, suite: Suite, out: Path) -> list:
+    cmd = [sys.executable, str(script_for(run.algo))]
+    if run.algo.startswith("sb3-"):
+        cmd += ["--algo", run.algo[4:]]
+    cmd += ["--env", run.env, "--seed", str(run.seed), "--no-progress", "--run-dir", str(out / "runs" / run.key)]
+    if suite.total_timesteps is not None:
+        cmd += ["--total-timesteps", str(suite.total_timesteps)]
+    cmd += list(suite.flags.get(run.algo, [])) + list(suite.flags.get(f"{run.algo}:{run.env}", []))
+    return cmd
+
+
+def read_status(out: Path, run: Run) -> "dict | None":
+    path = out / "status" / f"{run.key}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def execute(run: Run, suite: Suite, out: Path) -> dict:
+    """Run one (algo, env, seed) to the end; write its status file last, atomically."""
+    run_parent = out / "runs" / run.key
+    if run_parent.exists():
+        shutil.rmtree(run_parent)  # a half-written run from an attempt that did not finish
+    log = out / "logs" / f"{run.key}.log"
+    if log.exists():
+        k = 1
+        while log.with_suffix(f".log.{k}").exists():
+            k += 1
+        log.rename(log.with_suffix(f".log.{k}"))
+    cmd = command(run, suite, out)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
+    start = time.time()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    status = {"algo": run.algo, "env": run.env, "seed": run.seed, "command": cmd, "returncode": rc,
+              "start_time": start, "seconds": time.time() - start, "log": str(log)}
+    tmp = out / "status" / f"{run.key}.json.tmp"
+    tmp.write_text(json.dumps(status, indent=1))
+    os.replace(tmp, out / "status" / f"{run.key}.json")
+    return status
+
+
+def log_tail(status: dict, lines: int = 8) -> str:
+    try:
+        return "\n".join(Path(status["log"]).read_text().splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _execute_remote(run: Run, suite: Suite, out: Path) -> dict:
+    return execute(run, suite, out)
+
+
+def sweep(suite: Suite, out: Path, workers: int, backend: str = "local", ray_address: "str | None" = None) -> int:
+    """Run what is not finished yet; print a progress line; return the exit status (1 if any run failed)."""
+    for sub in ("runs", "logs", "status"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    (out / "suite.json").write_text(json.dumps(suite.__dict__, indent=1))
+    runs = [Run(a, e, s) for a in suite.algos for e in suite.envs for s in suite.seeds]
+    todo = [r for r in runs if (read_status(out, r) or {}).get("returncode") != 0]
+    print(f"{suite.name}: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run "
+          f"({backend}, {workers} at a time) -> {out}", flush=True)
+    results = []
+
+    def show(status: dict) -> None:
+        results.append(status)
+        failed = sum(r["returncode"] != 0 for r in results)
+        done = len(results)
+        bar = "#" * int(30 * done / max(len(todo), 1))
+        mark = "ok" if status["returncode"] == 0 else f"FAILED (exit {status['returncode']})"
+        print(f"[{bar:<30}] {done}/{len(todo)} ({failed} failed) {status['algo']} {status['env']} "
+              f"seed {status['seed']}: {mark} in {status['seconds']:.0f} s", flush=True)
+
+    if backend == "ray":
+        import ray
+
+        ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False)
+        remote = ray.remote(num_cpus=1)(_execute_remote)
+        pending = [remote.remote(r, suite, out) for r in todo]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            show(ray.get(ready[0]))
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for future in as_completed([pool.submit(execute, r, suite, out) for r in todo]):
+                show(future.result())
+
+    failed = [r for r in runs if (read_status(out, r) or {}).get("returncode") != 0]
+    for r in failed:
+        status = read_status(out, r)
+        print(f"\nFAILED {r.algo} {r.env} seed {r.seed} (exit {status['returncode'] if status else '?'}); "
+              f"log {status['log'] if status else '?'}:\n{log_tail(status) if status else ''}", file=sys.stderr)
+    if failed:
+        print(f"\n{len(failed)} of {len(runs)} runs failed: " + ", ".join(r.key for r in failed), file=sys.stderr)
+        return 1
+    print(f"all {len(runs)} runs finished")
+    return 0

@@ -1,0 +1,125 @@
+"""The benchmark harness: statistics by hand, and a real sweep end to end (real scripts, real event files)."""
+
+import itertools
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks.events import first_crossing, load_scalars
+from benchmarks.report import on_grid, running_mean
+from benchmarks.stats import bootstrap_band, bootstrap_ci, iqm
+from conftest import ROOT, script_env
+
+
+def test_iqm_by_hand():
+    assert iqm([1, 2, 3, 4]) == 2.5  # drops 1 and 4
+    assert iqm([5, 1, 100, 2, 3, 4, 7, 8]) == pytest.approx((3 + 4 + 5 + 7) / 4)  # drops 1, 2 and 8, 100
+    assert iqm([3, 9, 6]) == 6.0  # fewer than 4 seeds: the mean
+    assert iqm([1, 2, 3, 4, 1000]) == pytest.approx(3.0)  # drops 1 and 1000
+
+
+def test_bootstrap_ci_by_hand():
+    # two seeds: resampled means are 0 (1/4), 5 (1/2), 10 (1/4), so the 95% interval is [0, 10]
+    assert bootstrap_ci([0.0, 10.0], statistic=np.mean) == (0.0, 10.0)
+    assert bootstrap_ci([7.0, 7.0, 7.0]) == (7.0, 7.0)
+    # three seeds: against the exact bootstrap distribution (all 27 resamples, equally likely)
+    x = np.array([1.0, 4.0, 10.0])
+    exact = np.sort([np.mean(x[list(idx)]) for idx in itertools.product(range(3), repeat=3)])
+    lo, hi = bootstrap_ci(x, statistic=np.mean, n_boot=50_000)
+    assert lo == pytest.approx(np.quantile(exact, 0.025, method="inverted_cdf"), abs=1e-9)  # 1.0: P = 1/27
+    assert hi == pytest.approx(np.quantile(exact, 0.975, method="inverted_cdf"), abs=1e-9)  # 10.0
+    lo, hi = bootstrap_ci(x, statistic=np.mean, n_boot=50_000, confidence=0.5)
+    assert lo == pytest.approx(np.quantile(exact, 0.25, method="inverted_cdf"), abs=0.34)
+    assert hi == pytest.approx(np.quantile(exact, 0.75, method="inverted_cdf"), abs=0.34)
+    mean, lo, hi = bootstrap_band(np.array([[0.0, 2.0], [10.0, 2.0]]))
+    np.testing.assert_allclose(mean, [5.0, 2.0])
+    np.testing.assert_allclose(lo, [0.0, 2.0])
+    np.testing.assert_allclose(hi, [10.0, 2.0])
+
+
+def test_curve_helpers():
+    np.testing.assert_allclose(running_mean(np.array([1.0, 3.0, 5.0, 7.0]), window=2), [1, 2, 4, 6])
+    y = on_grid(np.array([10, 20, 30]), np.array([1.0, 2.0, 3.0]), np.array([0, 10, 15, 30, 40]))
+    np.testing.assert_array_equal(np.isnan(y), [True, False, False, False, True])
+    np.testing.assert_allclose(y[1:4], [1.0, 1.0, 3.0])
+    assert first_crossing(np.array([0, 10, 10, 0, 10]), threshold=7, window=3) is None
+    assert first_crossing(np.array([0, 10, 10, 10, 0]), threshold=7, window=3) == 3
+
+
+SUITE = """
+algos = ["ppo", "q_learning"]
+envs = ["CartPole-v1", "NoSuchEnv-v0"]
+seeds = [1, 2]
+total_timesteps = 1024
+
+[thresholds]
+"CartPole-v1" = 20
+
+[flags]
+"ppo" = ["--eval-episodes", "2"]
+"q_learning" = ["--eval-episodes", "2"]
+"""
+
+
+def harness(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=ROOT, env=script_env(),
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_sweep_report_resume_and_failures(tmp):
+    suite = tmp / "tiny.toml"
+    suite.write_text(SUITE)
+    out = tmp / "out"
+    first = harness("run", "--suite", str(suite), "--out", str(out), "--workers", "2", cwd=tmp)
+    # the unknown env fails (the script exits 2), the sweep goes on and exits 1 naming every failed run
+    assert first.returncode == 1, first.stderr
+    for algo in ["ppo", "q_learning"]:
+        for seed in [1, 2]:
+            assert f"{algo}__NoSuchEnv-v0__{seed}" in first.stderr
+            assert json.loads((out / "status" / f"{algo}__CartPole-v1__{seed}.json").read_text())["returncode"] == 0
+    assert "unknown environment id 'NoSuchEnv-v0'" in first.stderr  # the tail of the failed run's log
+
+    report = (out / "report.md").read_text()
+    assert "## Failed runs" in report and report.count("NoSuchEnv-v0, seed") == 4
+    assert (out / "figures" / "CartPole-v1.png").read_bytes()[:4] == b"\x89PNG"
+    # the table holds the numbers the event files hold
+    for algo in ["ppo", "q_learning"]:
+        finals, evals = [], []
+        for seed in [1, 2]:
+            (run,) = (out / "runs" / f"{algo}__CartPole-v1__{seed}").iterdir()
+            tags = load_scalars(run)
+            finals.append(tags["charts/episodic_return"][2][-100:].mean())
+            evals.append(tags["eval/episodic_return"][2][-1])
+        row = next(l for l in report.splitlines() if l.startswith(f"| {algo} |"))
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells[1] == "2"
+        assert float(cells[2].split()[0]) == pytest.approx(np.mean(finals), abs=0.051)  # IQM of 2 = the mean
+        assert float(cells[3].split()[0]) == pytest.approx(np.mean(evals), abs=0.051)
+    csv = (out / "curves.csv").read_text().splitlines()
+    assert csv[0].startswith("env,algo,seed,step") and any(l.startswith("CartPole-v1,ppo,2,") for l in csv)
+
+    # resume: the finished runs are skipped, only the failed ones run again
+    status_times = {p.name: p.stat().st_mtime for p in (out / "status").glob("*CartPole*.json")}
+    second = harness("run", "--suite", str(suite), "--out", str(out), "--workers", "2", cwd=tmp)
+    assert second.returncode == 1
+    assert re.search(r"8 runs, 4 already finished, 4 to run", second.stdout), second.stdout
+    assert status_times == {p.name: p.stat().st_mtime for p in (out / "status").glob("*CartPole*.json")}
+    assert (out / "logs" / "ppo__NoSuchEnv-v0__1.log.1").is_file()  # the earlier attempt's log is kept
+
+    # overriding the suite: only the CartPole runs, all finished, so nothing runs and the exit is 0
+    third = harness("run", "--suite", str(suite), "--envs", "CartPole-v1", "--out", str(out), "--no-report", cwd=tmp)
+    assert third.returncode == 0 and "4 already finished, 0 to run" in third.stdout
+
+
+def test_bad_arguments_exit_2(tmp):
+    proc = harness("run", "--suite", "no-such-suite", "--out", str(tmp / "o"), cwd=tmp)
+    assert proc.returncode == 2 and "unknown suite" in proc.stderr
+    proc = harness("run", "--suite", "smoke", "--algos", "no_such_algo", "--out", str(tmp / "o"), cwd=tmp)
+    assert proc.returncode == 2 and "no_such_algo" in proc.stderr
+    assert not (tmp / "o").exists()
+    proc = harness("report", "--out", str(tmp / "nothing"), cwd=tmp)
+    assert proc.returncode == 2
