@@ -110,7 +110,8 @@ def figure(env: str, by_algo: dict, path: Path, csv_rows: list) -> None:
         ax.set_xlabel("environment steps" if xkey == "steps" else "wall-clock seconds (whole process)")
         ax.set_ylabel(f"episodic return (mean of last {WINDOW})")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
     fig.suptitle(f"{env}: mean over seeds, 95% bootstrap band")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -144,7 +144,10 @@ def sweep(suite: Suite, out: Path, workers: int, backend: str = "local", ray_add
     if backend == "ray":
         import ray
 
-        ray.init(address=ray_address, ignore_reinit_error=True, log_to_driver=False)
+        if ray_address:  # an existing cluster
+            ray.init(address=ray_address, log_to_driver=False)
+        else:  # a local instance with --workers CPUs
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
         remote = ray.remote(num_cpus=1)(_execute_remote)
         pending = [remote.remote(r, suite, out) for r in todo]
         while pending:

@@ -123,3 +123,19 @@ def test_bad_arguments_exit_2(tmp):
     assert not (tmp / "o").exists()
     proc = harness("report", "--out", str(tmp / "nothing"), cwd=tmp)
     assert proc.returncode == 2
+
+
+def test_ray_backend_with_a_local_instance(tmp):
+    pytest.importorskip("ray")
+    suite = tmp / "ray.toml"
+    suite.write_text('algos = ["q_learning"]\nenvs = ["CliffWalking-v1"]\nseeds = [1, 2]\ntotal_timesteps = 3000\n'
+                     '[flags]\n"q_learning" = ["--eval-episodes", "1"]\n')
+    out = tmp / "out"
+    proc = harness("run", "--suite", str(suite), "--backend", "ray", "--workers", "2", "--out", str(out), cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for seed in [1, 2]:
+        status = json.loads((out / "status" / f"q_learning__CliffWalking-v1__{seed}.json").read_text())
+        assert status["returncode"] == 0
+        (run,) = (out / "runs" / f"q_learning__CliffWalking-v1__{seed}").iterdir()
+        assert len(load_scalars(run)["charts/episodic_return"][2]) > 10
+    assert "| q_learning | 2 |" in (out / "report.md").read_text()
