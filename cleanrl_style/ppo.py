@@ -298,11 +298,17 @@ class Agent(nn.Module):
             return categorical_kl(head_old, head)
         return gaussian_kl(*head_old.chunk(2, -1), *head.chunk(2, -1))
 
-    def sample(self, head: torch.Tensor) -> torch.Tensor:
+    def act(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rollout's step: a ~ pi_theta(.|s), log pi_theta(a|s) and V(s), with as few operations as
+        possible (for a Gaussian, a = mu + sigma * z and log pi = sum(-z^2/2 - log sigma - log(2 pi)/2))."""
         if self.discrete:
-            return torch.multinomial(F.softmax(head, -1), 1).squeeze(-1)
-        mu, log_std = head.chunk(2, -1)
-        return mu + log_std.exp() * torch.randn_like(mu)
+            logp_all = F.log_softmax(self.actor(s), -1)
+            a = torch.multinomial(logp_all.exp(), 1)
+            return a.squeeze(-1), logp_all.gather(-1, a).squeeze(-1), self.value(s)
+        mu = self.actor(s)
+        z = torch.randn_like(mu)
+        a = mu + self.actor_logstd.exp() * z
+        return a, (-0.5 * z**2 - self.actor_logstd - 0.5 * LOG_2PI).sum(-1), self.value(s)
 
     def mode(self, head: torch.Tensor) -> torch.Tensor:
         """The deterministic action: argmax of the logits, or the mean mu."""
@@ -617,11 +623,8 @@ def main(args: Args) -> int:
                 s = normalize_obs(next_obs, obs_rms)
                 obs[t] = s
                 with torch.inference_mode():
-                    s_t = torch.as_tensor(s, device=device)
-                    head = agent.head(s_t)
-                    a = agent.sample(head)
-                    logp_old[t] = agent.log_prob(head, a).cpu().numpy()
-                    values[t] = agent.value(s_t).cpu().numpy()
+                    a, logp, V = agent.act(torch.as_tensor(s, device=device))
+                logp_old[t], values[t] = logp.cpu().numpy(), V.cpu().numpy()
                 a = a.cpu().numpy()
                 actions[t] = a
                 env_a = a if discrete else np.clip(a, act_space.low, act_space.high)

@@ -190,3 +190,24 @@ def test_explained_variance():
     G = np.array([1.0, 2.0, 3.0, 4.0])
     assert ppo.explained_variance(G, G) == 1.0
     assert ppo.explained_variance(np.full(4, G.mean()), G) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_act_samples_the_policy_and_its_log_prob(discrete):
+    torch.manual_seed(0)
+    agent = ppo.Agent(obs_dim=3, act_dim=2, discrete=discrete)
+    if not discrete:
+        agent.actor_logstd.data = torch.tensor([-0.5, 0.3])
+    s = torch.randn(1, 3).expand(20_000, 3)
+    with torch.no_grad():
+        a, logp, V = agent.act(s)
+        head = agent.head(s)
+        torch.testing.assert_close(logp, agent.log_prob(head, a))  # the same log pi as the update uses
+        torch.testing.assert_close(V, agent.value(s))
+        if discrete:
+            freq = torch.bincount(a, minlength=2).float() / len(a)
+            torch.testing.assert_close(freq, head[0].softmax(-1), atol=0.015, rtol=0)
+        else:
+            mu, log_std = head[0].chunk(2)
+            torch.testing.assert_close(a.mean(0), mu, atol=0.03, rtol=0)
+            torch.testing.assert_close(a.std(0), log_std.exp(), atol=0.03, rtol=0)
