@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from benchmarks.events import first_crossing, load_scalars  # noqa: E402
 from benchmarks.stats import bootstrap_band, bootstrap_ci, iqm  # noqa: E402
 
-WINDOW = 20  # episodes in the running mean of a curve and in the threshold test
+WINDOW = 20  # episodes in the running mean of a curve, and by default in the threshold test
 FINAL = 100  # training episodes in the final-return figure
 GRID = 100  # points of the common grid
 
@@ -60,14 +60,14 @@ def on_grid(x: np.ndarray, y: np.ndarray, grid: np.ndarray) -> np.ndarray:
     return np.where((i >= 0) & (grid <= x[-1]), y[np.clip(i, 0, None)], np.nan)
 
 
-def summarise(runs: list, threshold: "float | None") -> dict:
+def summarise(runs: list, threshold: "float | None", window: int = WINDOW) -> dict:
     final = [float(np.mean(r["tags"]["charts/episodic_return"][2][-FINAL:])) for r in runs]
     evals = [float(r["tags"]["eval/episodic_return"][2][-1]) for r in runs if "eval/episodic_return" in r["tags"]]
     steps_to, secs_to = [], []
     if threshold is not None:
         for r in runs:
             steps, walls, returns = r["tags"]["charts/episodic_return"]
-            i = first_crossing(returns, threshold, WINDOW)
+            i = first_crossing(returns, threshold, window)
             if i is not None:
                 steps_to.append(int(steps[i]))
                 secs_to.append(float(walls[i] - r["start_time"]))
@@ -121,7 +121,7 @@ def figure(env: str, by_algo: dict, path: Path, csv_rows: list) -> None:
 def report(out: Path, command: str = "") -> Path:
     """Write out/report.md, out/figures/{env}.png and out/curves.csv; return the report's path."""
     suite = json.loads((out / "suite.json").read_text()) if (out / "suite.json").exists() else {}
-    thresholds = suite.get("thresholds", {})
+    thresholds, windows = suite.get("thresholds", {}), suite.get("threshold_windows", {})
     finished, failed = load_runs(out)
     (out / "figures").mkdir(exist_ok=True)
     envs = list(dict.fromkeys([r["env"] for r in finished] + [f["env"] for f in failed]))
@@ -132,17 +132,17 @@ def report(out: Path, command: str = "") -> Path:
     lines += [f"Date: {datetime.date.today()}; machine: {machine}", "",
               f"Final return: IQM over seeds of the mean of the last {FINAL} training episodes; eval: IQM of the "
               "deterministic evaluation at the end; brackets: 95% bootstrap CI over seeds. Steps and seconds to the "
-              f"threshold: mean over the seeds whose {WINDOW}-episode mean reached it (seconds from process start).", ""]
+              "threshold: mean over the seeds whose running mean of episodes reached it (seconds from process start).", ""]
     csv_rows = []
     for env in envs:
         runs = [r for r in finished if r["env"] == env]
         by_algo = {a: [r for r in runs if r["algo"] == a] for a in dict.fromkeys(r["algo"] for r in runs)}
-        threshold = thresholds.get(env)
-        lines += [f"## {env}" + (f" (threshold {threshold:g})" if threshold is not None else ""), "",
+        threshold, window = thresholds.get(env), windows.get(env, WINDOW)
+        lines += [f"## {env}" + (f" (threshold {threshold:g}, mean of {window} episodes)" if threshold is not None else ""), "",
                   "| algorithm | seeds | final return | eval return | reached | env steps to threshold | "
                   "seconds to threshold | steps per second |", "|---|---|---|---|---|---|---|---|"]
         for algo, algo_runs in by_algo.items():
-            s = summarise(algo_runs, threshold)
+            s = summarise(algo_runs, threshold, window)
             steps = f"{np.mean(s['steps_to']):,.0f}" if s["steps_to"] else "–"
             secs = f"{np.mean(s['secs_to']):.1f}" if s["secs_to"] else "–"
             sps = f"{np.mean(s['sps']):,.0f}" if s["sps"] else "–"

@@ -37,6 +37,7 @@ class Suite:
     seeds: list
     total_timesteps: "int | None" = None
     thresholds: dict = field(default_factory=dict)
+    threshold_windows: dict = field(default_factory=dict)
     flags: dict = field(default_factory=dict)
 
 
@@ -49,7 +50,7 @@ def load_suite(name: str) -> Suite:
     data = tomllib.loads(path.read_text())
     return Suite(name=path.stem, algos=data["algos"], envs=data["envs"], seeds=data["seeds"],
                  total_timesteps=data.get("total_timesteps"), thresholds=data.get("thresholds", {}),
-                 flags=data.get("flags", {}))
+                 threshold_windows=data.get("threshold_windows", {}), flags=data.get("flags", {}))
 
 
 @dataclass(frozen=True)

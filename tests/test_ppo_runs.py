@@ -116,3 +116,25 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp, monkeypatch, capsys):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     # the first update takes 40 mini-batch steps; the 61st loss, in the second update (at step 512), is NaN
     assert ckpt["global_step"] == 512
+
+
+def test_target_kl_stops_updates_early(tmp):
+    flags = ["--total-timesteps", "1024", "--eval-episodes", "0", "--clip-vloss", "--ent-coef", "0.01"]
+    full = scalars(train("ppo", tmp, *flags))["charts/update_minibatches"]
+    stopped = scalars(train("ppo", tmp, *flags, "--target-kl", "1e-6"))["charts/update_minibatches"]
+    assert [v for _, v in full] == [40.0] * 4  # 10 epochs x 4 mini-batches of 64 from 8 x 32 steps
+    assert all(1 <= v < 40 for _, v in stopped)
+
+
+def test_evaluation_uses_the_frozen_observation_statistics(tmp):
+    run = train("ppo", tmp, "--env", "InvertedPendulum-v5", "--total-timesteps", "4096", "--num-steps", "512",
+                "--eval-episodes", "3")
+    ckpt = torch.load(run / "ppo.pt", weights_only=True)
+    assert ckpt["obs_rms"] is not None and ckpt["ret_rms"] is not None
+    count = ckpt["obs_rms"]["count"]
+    first = ppo.evaluate(ckpt, 3, seed=1)
+    assert ckpt["obs_rms"]["count"] == count  # evaluating does not update them
+    np.testing.assert_array_equal(first, ppo.evaluate(ckpt, 3, seed=1))
+    assert first.mean() == pytest.approx(scalars(run)["eval/episodic_return"][-1][1], abs=1e-3)
+    shifted = dict(ckpt, obs_rms={**ckpt["obs_rms"], "mean": ckpt["obs_rms"]["mean"] + 3.0})
+    assert not np.array_equal(first, ppo.evaluate(shifted, 3, seed=1))  # and they are used
