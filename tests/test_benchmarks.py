@@ -51,7 +51,7 @@ def test_curve_helpers():
 
 
 SUITE = """
-algos = ["ppo", "q_learning"]
+algos = ["ppo", "q_learning", "sb3-ppo"]
 envs = ["CartPole-v1", "NoSuchEnv-v0"]
 seeds = [1, 2]
 total_timesteps = 1024
@@ -62,6 +62,7 @@ total_timesteps = 1024
 [flags]
 "ppo" = ["--eval-episodes", "2"]
 "q_learning" = ["--eval-episodes", "2"]
+"sb3-ppo" = ["--eval-episodes", "2"]
 """
 
 
@@ -77,17 +78,17 @@ def test_sweep_report_resume_and_failures(tmp):
     first = harness("run", "--suite", str(suite), "--out", str(out), "--workers", "2", cwd=tmp)
     # the unknown env fails (the script exits 2), the sweep goes on and exits 1 naming every failed run
     assert first.returncode == 1, first.stderr
-    for algo in ["ppo", "q_learning"]:
+    for algo in ["ppo", "q_learning", "sb3-ppo"]:
         for seed in [1, 2]:
             assert f"{algo}__NoSuchEnv-v0__{seed}" in first.stderr
             assert json.loads((out / "status" / f"{algo}__CartPole-v1__{seed}.json").read_text())["returncode"] == 0
     assert "unknown environment id 'NoSuchEnv-v0'" in first.stderr  # the tail of the failed run's log
 
     report = (out / "report.md").read_text()
-    assert "## Failed runs" in report and report.count("NoSuchEnv-v0, seed") == 4
+    assert "## Failed runs" in report and report.count("NoSuchEnv-v0, seed") == 6
     assert (out / "figures" / "CartPole-v1.png").read_bytes()[:4] == b"\x89PNG"
-    # the table holds the numbers the event files hold
-    for algo in ["ppo", "q_learning"]:
+    # the table holds the numbers the event files hold, ours and the peer's (SB3) alike
+    for algo in ["ppo", "q_learning", "sb3-ppo"]:
         finals, evals = [], []
         for seed in [1, 2]:
             (run,) = (out / "runs" / f"{algo}__CartPole-v1__{seed}").iterdir()
@@ -106,13 +107,13 @@ def test_sweep_report_resume_and_failures(tmp):
     status_times = {p.name: p.stat().st_mtime for p in (out / "status").glob("*CartPole*.json")}
     second = harness("run", "--suite", str(suite), "--out", str(out), "--workers", "2", cwd=tmp)
     assert second.returncode == 1
-    assert re.search(r"8 runs, 4 already finished, 4 to run", second.stdout), second.stdout
+    assert re.search(r"12 runs, 6 already finished, 6 to run", second.stdout), second.stdout
     assert status_times == {p.name: p.stat().st_mtime for p in (out / "status").glob("*CartPole*.json")}
     assert (out / "logs" / "ppo__NoSuchEnv-v0__1.log.1").is_file()  # the earlier attempt's log is kept
 
     # overriding the suite: only the CartPole runs, all finished, so nothing runs and the exit is 0
     third = harness("run", "--suite", str(suite), "--envs", "CartPole-v1", "--out", str(out), "--no-report", cwd=tmp)
-    assert third.returncode == 0 and "4 already finished, 0 to run" in third.stdout
+    assert third.returncode == 0 and "6 already finished, 0 to run" in third.stdout
 
 
 def test_bad_arguments_exit_2(tmp):
