@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -138,3 +139,62 @@ def test_evaluation_uses_the_frozen_observation_statistics(tmp):
     assert first.mean() == pytest.approx(scalars(run)["eval/episodic_return"][-1][1], abs=1e-3)
     shifted = dict(ckpt, obs_rms={**ckpt["obs_rms"], "mean": ckpt["obs_rms"]["mean"] + 3.0})
     assert not np.array_equal(first, ppo.evaluate(shifted, 3, seed=1))  # and they are used
+
+
+class Counter(gym.Env):
+    """Observation: the step count within the episode. Never terminates by itself unless `end_at`."""
+
+    observation_space = gym.spaces.Box(-100.0, 100.0, (1,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, end_at=None):
+        self.t, self.end_at = 0, end_at
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.array([0.0], np.float32), {}
+
+    def step(self, a):
+        self.t += 1
+        return np.array([float(self.t)], np.float32), 1.0, self.t == self.end_at, False, {}
+
+
+gym.register("TruncatedCounter-v0", entry_point=Counter, max_episode_steps=5)
+gym.register("TerminatedCounter-v0", entry_point=Counter, kwargs={"end_at": 5})
+
+
+@pytest.mark.parametrize("env_id", ["TruncatedCounter-v0", "TerminatedCounter-v0"])
+def test_rollout_bootstraps_from_the_true_final_observation(env_id, tmp, monkeypatch):
+    """The loop hands GAE V(s_5) of the final observation [5] at a truncation, not V of the reset
+    observation [0] that the vector env returns in the same step, and marks a termination as one."""
+    seen, agents = [], []
+
+    class RecordingAgent(ppo.Agent):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            agents.append(self)
+
+    def recording_gae(r, V, V_next, terminated, ended, gamma, gae_lambda):
+        with torch.no_grad():
+            V_of = lambda x: agents[0].value(torch.tensor([[x]], dtype=torch.float32)).item()
+            seen.append((V.copy(), V_next.copy(), terminated.copy(), ended.copy(), V_of(5.0), V_of(0.0)))
+        return real_gae(r, V, V_next, terminated, ended, gamma, gae_lambda)
+
+    real_gae = ppo.gae
+    monkeypatch.setattr(ppo, "Agent", RecordingAgent)
+    monkeypatch.setattr(ppo, "gae", recording_gae)
+    monkeypatch.chdir(tmp)
+    args = ppo.Args(env=env_id, total_timesteps=12, num_envs=1, num_steps=12, minibatch_size=4,
+                    run_dir=str(tmp / "runs"), progress=False, eval_episodes=0, save_model=False)
+    assert ppo.main(args) == 0
+    (V, V_next, terminated, ended, V5, V0) = seen[0]
+    # steps t = 4 and t = 9 end an episode (the 5th step); step 5 starts the next one from [0]
+    np.testing.assert_array_equal(ended[:, 0], [0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0])
+    truncation = env_id.startswith("Truncated")
+    np.testing.assert_array_equal(terminated[:, 0], 0 if truncation else ended[:, 0])
+    assert V[5, 0] == pytest.approx(V0, abs=1e-6)  # the value of the reset observation
+    if truncation:
+        assert V_next[4, 0] == pytest.approx(V5, abs=1e-6) and V_next[9, 0] == pytest.approx(V5, abs=1e-6)
+        assert abs(V5 - V0) > 1e-4  # so the test tells them apart
+    np.testing.assert_allclose(V_next[:4, 0], V[1:5, 0], atol=1e-6)  # inside an episode: the next step's V
