@@ -60,7 +60,9 @@ def main(args: Args) -> int:
     if args.episodes < 1:
         print("error: --episodes must be at least 1", file=sys.stderr)
         return 2
-    os.environ.setdefault("MUJOCO_GL", "egl")
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering for the video
+    if "DISPLAY" not in os.environ:
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame (classic control) without a screen
     seed = ckpt["args"]["seed"] if args.seed is None else args.seed
     video_folder = str(Path(args.video_dir) / f"eval_{Path(args.checkpoint).resolve().parent.name}")
     returns = script.evaluate(ckpt, args.episodes, seed, args.capture_video, video_folder, args.device)

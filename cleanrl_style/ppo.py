@@ -453,7 +453,8 @@ def evaluate(ckpt: dict, episodes: int, seed: int, capture_video: bool = False,
     agent, obs_rms, act_space = build_agent(ckpt, device)
     if capture_video:
         env = gym.make(ckpt["env_id"], render_mode="rgb_array")
-        env = gym.wrappers.RecordVideo(env, video_folder, name_prefix="eval", disable_logger=True)
+        env = gym.wrappers.RecordVideo(env, video_folder, name_prefix="eval", episode_trigger=lambda e: e == 0,
+                                       disable_logger=True)
     else:
         env = gym.make(ckpt["env_id"])
     env = gym.wrappers.FlattenObservation(env)
@@ -531,7 +532,9 @@ def main(args: Args) -> int:
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("MUJOCO_GL", "egl")
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering for the videos
+    if "DISPLAY" not in os.environ:
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame (classic control) without a screen
 
     if ckpt is not None:
         run_path = Path(args.resume).parent

@@ -395,6 +395,8 @@ def main(args: Args) -> int:
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n"
                     + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
     video_folder = str(Path(args.video_dir) / run_name)
+    if "DISPLAY" not in os.environ:
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame rendering without a screen
     env = make_env(args.env, args.capture_video, f"{video_folder}/train", "train")
 
     Q = np.zeros((phi.n_states, n_actions))
