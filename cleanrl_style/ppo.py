@@ -702,11 +702,12 @@ def main(args: Args) -> int:
                         pg_loss = -(rho * A_mb).mean() + beta * kl.mean()
                     v_loss = value_loss(agent.value(b_obs[mb]), b_G[mb], b_V[mb],
                                         args.clip_eps if args.clip_vloss else None)
-                    entropy = agent.entropy(head).mean()
-                    loss = pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy
+                    loss = pg_loss + args.vf_coef * v_loss
+                    if args.ent_coef != 0:  # the bonus -c2 H (left out of the graph, not multiplied by 0, when c2 = 0)
+                        loss = loss - args.ent_coef * agent.entropy(head).mean()
                     if not torch.isfinite(loss):
                         raise NonFiniteLoss(f"non-finite loss at global step {global_step} "
-                                            f"(policy {pg_loss.item()}, value {v_loss.item()}, entropy {entropy.item()})")
+                                            f"(policy {pg_loss.item()}, value {v_loss.item()})")
                     optimizer.zero_grad()
                     loss.backward()
                     if args.max_grad_norm > 0:
@@ -716,9 +717,11 @@ def main(args: Args) -> int:
                 if stop:
                     break
 
-            # ---- after the update: exact KL of the whole batch, the beta rule, diagnostics ----
+            # ---- after the update: exact KL and entropy over the whole batch, the beta rule, diagnostics ----
             with torch.no_grad():
-                d = agent.kl(b_head_old, agent.head(b_obs)).mean().item()
+                b_head = agent.head(b_obs)
+                d = agent.kl(b_head_old, b_head).mean().item()
+                entropy = agent.entropy(b_head).mean()
             if args.loss == "kl":
                 beta = adapt_beta(beta, d, args.kl_target)
             now = time.time()
