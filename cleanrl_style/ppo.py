@@ -496,6 +496,7 @@ class Progress:
     def close(self) -> None:
         if self.enabled:
             sys.stderr.write("\n")
+            self.enabled = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -746,7 +747,7 @@ def main(args: Args) -> int:
                 next_checkpoint += args.checkpoint_every
     except NonFiniteLoss as e:
         progress.close()
-        print(f"error: {e}; stopping. The last good state is in {ckpt_path}", file=sys.stderr)
+        print(f"error: {e}; stopping with the last good state", file=sys.stderr)
         status = 1
     finally:
         if previous_handler is not None:

@@ -111,6 +111,10 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr with exit status 2, before anything is written."""
 
 
+class NonFiniteLoss(Exception):
+    """A TD target became NaN or inf."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Environment and discretisation
 # ----------------------------------------------------------------------------------------------
@@ -241,8 +245,7 @@ def policy_figure(Q: np.ndarray, env_id: str, shape: tuple[int, int], title: str
     visited = ~np.all(Q == 0, axis=1)  # states never updated: terminal, a hole, the cliff, or unvisited
     V = np.ma.masked_array(Q.max(1), ~visited).reshape(rows, cols)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * cols + 1.5), max(2.5, 0.6 * rows + 0.8)))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("lightgrey")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
     im = ax.imshow(V, cmap=cmap)
     fig.colorbar(im, ax=ax, label="V(s) = max_a Q(s, a)")
     for s in np.flatnonzero(visited):
@@ -333,6 +336,7 @@ class Progress:
     def close(self) -> None:
         if self.enabled:
             sys.stderr.write("\n")
+            self.enabled = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,7 +345,7 @@ class Progress:
 
 
 def main(args: Args) -> int:
-    """Train; return the process exit status (0 done, 130 interrupted)."""
+    """Train; return the process exit status (0 done, 1 stopped by a non-finite TD target, 130 interrupted)."""
     t_start = time.time()
     ckpt = None
     if args.resume is not None:
@@ -413,6 +417,7 @@ def main(args: Args) -> int:
     progress = Progress(args.total_timesteps, args.progress)
     sps_step, sps_time = global_step, time.time()
     next_checkpoint = (global_step // args.checkpoint_every + 1) * args.checkpoint_every if args.checkpoint_every else None
+    status = 0
     try:
         while global_step < args.total_timesteps and not interrupted:
             epsilon = epsilon_schedule(global_step, args.total_timesteps, args.epsilon_start, args.epsilon_end,
@@ -421,7 +426,10 @@ def main(args: Args) -> int:
             s_next_raw, r, terminated, truncated, _ = env.step(a)
             global_step += 1
             s_next = phi(s_next_raw)  # on a truncation: the true final observation, bootstrapped from
-            delta = td_update(Q, s, a, q_learning_target(r, Q[s_next], terminated, args.gamma), args.alpha)
+            target = q_learning_target(r, Q[s_next], terminated, args.gamma)
+            if not np.isfinite(target):  # checked before the update, so the table stays the last good one
+                raise NonFiniteLoss(f"non-finite TD target {target} at global step {global_step}")
+            delta = td_update(Q, s, a, target, args.alpha)
             abs_deltas.append(abs(delta))
             ep_return += float(r)
             ep_length += 1
@@ -444,12 +452,15 @@ def main(args: Args) -> int:
             if args.save_model and next_checkpoint is not None and global_step >= next_checkpoint:
                 save_checkpoint(ckpt_path, checkpoint())
                 next_checkpoint += args.checkpoint_every
+    except NonFiniteLoss as e:
+        status = 1
+        progress.close()
+        print(f"error: {e}; stopping with the last good state", file=sys.stderr)
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
     progress.close()
     env.close()
-    status = 0
     if args.save_model:
         save_checkpoint(ckpt_path, checkpoint())
         print(f"checkpoint: {ckpt_path}")

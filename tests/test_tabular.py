@@ -2,6 +2,7 @@
 
 import gymnasium as gym
 import numpy as np
+import torch
 import pytest
 
 from cleanrl_style import q_learning, sarsa
@@ -124,3 +125,24 @@ def test_grid_world_picture(tmp):
     acc = EventAccumulator(str(run), size_guidance={"images": 0})
     acc.Reload()
     assert "charts/greedy_policy" in acc.Tags()["images"]
+
+
+@pytest.mark.parametrize("module", [q_learning, sarsa])
+def test_non_finite_target_stops_with_the_last_good_table(module, tmp, monkeypatch):
+    calls = []
+    real_td_update = module.td_update
+
+    def counting_td_update(*a, **k):
+        calls.append(1)
+        return real_td_update(*a, **k)
+
+    target_fn = "q_learning_target" if module is q_learning else "sarsa_target"
+    real_target = getattr(module, target_fn)
+    monkeypatch.setattr(module, "td_update", counting_td_update)
+    monkeypatch.setattr(module, target_fn, lambda *a, **k: real_target(*a, **k) * (np.nan if len(calls) >= 500 else 1))
+    monkeypatch.chdir(tmp)
+    args = module.Args(total_timesteps=2000, run_dir=str(tmp / "runs"), progress=False, eval_episodes=0)
+    assert module.main(args) == 1
+    (run,) = (tmp / "runs").iterdir()
+    ckpt = torch.load(run / f"{module.ALGORITHM}.pt", weights_only=True)
+    assert ckpt["global_step"] == 501 and torch.isfinite(ckpt["model"]["Q"]).all()
