@@ -55,14 +55,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cliff_walking")
     parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "cliff")
     args = parser.parse_args()
-    env = dict(os.environ)
     curves, eval_returns, paths = {}, {}, {}
     for name, (script, extra) in METHODS.items():
         curves[name], eval_returns[name] = [], []
         for seed in args.seeds:
             run_parent = args.run_dir / f"{name.replace(' ', '_')}_{seed}"
             subprocess.run([sys.executable, f"cleanrl_style/{script}.py", *FLAGS, *extra, "--seed", str(seed),
-                            "--run-dir", str(run_parent), "--exp-name", script], cwd=ROOT, env=env, check=True,
+                            "--run-dir", str(run_parent), "--exp-name", script], cwd=ROOT, check=True,
                            capture_output=True)
             run = sorted(run_parent.iterdir())[-1]
             tags = load_scalars(run)

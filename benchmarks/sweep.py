@@ -118,10 +118,6 @@ def log_tail(status: dict, lines: int = 8) -> str:
         return "(no log)"
 
 
-def _execute_remote(run: Run, suite: Suite, out: Path) -> dict:
-    return execute(run, suite, out)
-
-
 def sweep(suite: Suite, out: Path, workers: int, backend: str = "local", ray_address: "str | None" = None) -> int:
     """Run what is not finished yet; print a progress line; return the exit status (1 if any run failed)."""
     for sub in ("runs", "logs", "status"):
@@ -149,7 +145,7 @@ def sweep(suite: Suite, out: Path, workers: int, backend: str = "local", ray_add
             ray.init(address=ray_address, log_to_driver=False)
         else:  # a local instance with --workers CPUs
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        remote = ray.remote(num_cpus=1)(_execute_remote)
+        remote = ray.remote(num_cpus=1)(execute)
         pending = [remote.remote(r, suite, out) for r in todo]
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
