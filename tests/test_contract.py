@@ -1,7 +1,6 @@
 """The script contract (shared/CONVENTIONS.md), checked on every training script in cleanrl_style/."""
 
 import importlib.util
-import os
 import re
 import sys
 
