@@ -53,10 +53,16 @@ def main(argv=None) -> int:
         return 2
     overrides = {"algos": args.algos, "envs": args.envs, "seeds": args.seeds, "total_timesteps": args.total_timesteps}
     suite = dataclasses.replace(suite, **{k: v for k, v in overrides.items() if v is not None})
-    missing = [a for a in suite.algos if not a.startswith("sb3-") and not (ROOT / "cleanrl_style" / f"{a}.py").is_file()]
+    missing = [
+        a for a in suite.algos if not a.startswith("sb3-") and not (ROOT / "cleanrl_style" / f"{a}.py").is_file()
+    ]
     if missing or args.workers < 1:
-        print(f"error: no script for {', '.join(missing)} in cleanrl_style/" if missing else "error: --workers must be >= 1",
-              file=sys.stderr)
+        print(
+            f"error: no script for {', '.join(missing)} in cleanrl_style/"
+            if missing
+            else "error: --workers must be >= 1",
+            file=sys.stderr,
+        )
         return 2
     out = args.out or ROOT / "benchmarks" / "out" / suite.name
     status = sweep(suite, out, args.workers, args.backend, args.ray_address)

@@ -17,10 +17,9 @@ import sys
 from pathlib import Path
 
 import gymnasium as gym
+import matplotlib
 import numpy as np
 import torch
-
-import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -28,8 +27,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 from benchmarks.events import load_scalars  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = ["--alpha", "0.5", "--epsilon-start", "0.1", "--epsilon-end", "0.1", "--gamma", "1.0",
-         "--total-timesteps", "30000", "--eval-episodes", "1", "--no-progress"]
+FLAGS = [
+    "--alpha",
+    "0.5",
+    "--epsilon-start",
+    "0.1",
+    "--epsilon-end",
+    "0.1",
+    "--gamma",
+    "1.0",
+    "--total-timesteps",
+    "30000",
+    "--eval-episodes",
+    "1",
+    "--no-progress",
+]
 METHODS = {"Q-learning": ("q_learning", []), "SARSA": ("sarsa", []), "Expected SARSA": ("sarsa", ["--expected"])}
 EPISODES = 500
 
@@ -60,9 +72,23 @@ def main() -> None:
         curves[name], eval_returns[name] = [], []
         for seed in args.seeds:
             run_parent = args.run_dir / f"{name.replace(' ', '_')}_{seed}"
-            subprocess.run([sys.executable, f"cleanrl_style/{script}.py", *FLAGS, *extra, "--seed", str(seed),
-                            "--run-dir", str(run_parent), "--exp-name", script], cwd=ROOT, check=True,
-                           capture_output=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    f"cleanrl_style/{script}.py",
+                    *FLAGS,
+                    *extra,
+                    "--seed",
+                    str(seed),
+                    "--run-dir",
+                    str(run_parent),
+                    "--exp-name",
+                    script,
+                ],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+            )
             run = sorted(run_parent.iterdir())[-1]
             tags = load_scalars(run)
             returns = tags["charts/episodic_return"][2]
@@ -91,8 +117,14 @@ def main() -> None:
     ax_grid.imshow(grid, cmap="Greys", vmin=0, vmax=3)
     for k, (name, (path, G, seed)) in enumerate(paths.items()):
         rows, cols = np.divmod(np.array(path), 12)
-        ax_grid.plot(cols + (k - 1) * 0.08, rows + (k - 1) * 0.08, "-o", ms=3, color=colours[name],
-                     label=f"{name} greedy path, seed {seed} (return {G:.0f})")
+        ax_grid.plot(
+            cols + (k - 1) * 0.08,
+            rows + (k - 1) * 0.08,
+            "-o",
+            ms=3,
+            color=colours[name],
+            label=f"{name} greedy path, seed {seed} (return {G:.0f})",
+        )
     ax_grid.text(0, 3, "S", ha="center", va="center", fontsize=12, weight="bold")
     ax_grid.text(11, 3, "G", ha="center", va="center", fontsize=12, weight="bold")
     ax_grid.text(5.5, 3, "the cliff", ha="center", va="center", color="white")
@@ -108,11 +140,15 @@ def main() -> None:
             for seed, returns in zip(args.seeds, c):
                 f.writelines(f"{name},{seed},{i},{r:g}\n" for i, r in enumerate(returns))
     machine = f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
-    rows = ["| method | mean return per episode, episodes 401–500 (mean ± std over seeds) | greedy return (each seed) |",
-            "|---|---|---|"]
+    rows = [
+        "| method | mean return per episode, episodes 401–500 (mean ± std over seeds) | greedy return (each seed) |",
+        "|---|---|---|",
+    ]
     for name, c in curves.items():
         late = np.mean(np.array(c)[:, 400:500], 1)
-        rows.append(f"| {name} | {late.mean():.1f} ± {late.std():.1f} | {', '.join(f'{g:g}' for g in eval_returns[name])} |")
+        rows.append(
+            f"| {name} | {late.mean():.1f} ± {late.std():.1f} | {', '.join(f'{g:g}' for g in eval_returns[name])} |"
+        )
     (args.out / "README.md").write_text(
         "# Cliff walking (Sutton & Barto, Example 6.6)\n\n"
         f"Command: `python -m benchmarks.cliff --seeds {' '.join(map(str, args.seeds))}`  \n"
@@ -120,14 +156,15 @@ def main() -> None:
         f"Flags of every run: `{' '.join(FLAGS)}` (plus `--expected` for Expected SARSA)\n\n"
         + "\n".join(rows)
         + "\n\nThe book reports about −25 per episode for SARSA and about −50 for Q-learning: Q-learning learns the "
-          "optimal path along the cliff (greedy return −13) but, exploring with epsilon = 0.1, often falls off it; "
-          "SARSA learns the value of the exploring policy and so a safer path further away (−15 or −17).\n\n"
-          "Greedy return −1000: the greedy policy of the final Q-table loops (evaluation stops at 1,000 steps). With "
-          "the book's constant alpha = 0.5, SARSA's Q-values keep moving with each sampled a_{t+1}, and in the final "
-          "snapshot of some seeds a wall-bumping action (which keeps the agent in place) briefly outranks the way "
-          "forward; Expected SARSA, whose target averages over a_{t+1}, does not show it. The figure draws, for "
-          "each method, the greedy path of the first seed whose greedy policy reaches the goal.\n\n"
-          "![cliff walking](cliff_walking.png)\n")
+        "optimal path along the cliff (greedy return −13) but, exploring with epsilon = 0.1, often falls off it; "
+        "SARSA learns the value of the exploring policy and so a safer path further away (−15 or −17).\n\n"
+        "Greedy return −1000: the greedy policy of the final Q-table loops (evaluation stops at 1,000 steps). With "
+        "the book's constant alpha = 0.5, SARSA's Q-values keep moving with each sampled a_{t+1}, and in the final "
+        "snapshot of some seeds a wall-bumping action (which keeps the agent in place) briefly outranks the way "
+        "forward; Expected SARSA, whose target averages over a_{t+1}, does not show it. The figure draws, for "
+        "each method, the greedy path of the first seed whose greedy policy reaches the goal.\n\n"
+        "![cliff walking](cliff_walking.png)\n"
+    )
     print("\n".join(rows))
 
 

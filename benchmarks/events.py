@@ -13,8 +13,11 @@ def load_scalars(run_dir) -> dict:
     out = {}
     for tag in acc.Tags()["scalars"]:
         events = acc.Scalars(tag)
-        out[tag] = (np.array([e.step for e in events]), np.array([e.wall_time for e in events]),
-                    np.array([e.value for e in events]))
+        out[tag] = (
+            np.array([e.step for e in events]),
+            np.array([e.wall_time for e in events]),
+            np.array([e.value for e in events]),
+        )
     return out
 
 

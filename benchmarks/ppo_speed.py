@@ -39,28 +39,66 @@ def cartpole(args) -> str:
     rows = []
     for seed in args.seeds:
         for name, cmd, pattern in [
-            ("ppo.py (defaults)", [sys.executable, "cleanrl_style/ppo.py", "--env", "CartPole-v1", "--seed", str(seed),
-                                   "--no-progress", "--eval-episodes", "0", "--run-dir", str(args.run_dir)],
-             f"CartPole-v1__ppo__{seed}__*"),
-            ("SB3 PPO (rl-zoo3)", [sys.executable, "benchmarks/peers/sb3.py", "--algo", "ppo", "--env", "CartPole-v1", "--zoo", "--eval-episodes", "0",
-                                   "--seed", str(seed), "--run-dir", str(args.run_dir)],
-             f"CartPole-v1__sb3-ppo__{seed}__*"),
+            (
+                "ppo.py (defaults)",
+                [
+                    sys.executable,
+                    "cleanrl_style/ppo.py",
+                    "--env",
+                    "CartPole-v1",
+                    "--seed",
+                    str(seed),
+                    "--no-progress",
+                    "--eval-episodes",
+                    "0",
+                    "--run-dir",
+                    str(args.run_dir),
+                ],
+                f"CartPole-v1__ppo__{seed}__*",
+            ),
+            (
+                "SB3 PPO (rl-zoo3)",
+                [
+                    sys.executable,
+                    "benchmarks/peers/sb3.py",
+                    "--algo",
+                    "ppo",
+                    "--env",
+                    "CartPole-v1",
+                    "--zoo",
+                    "--eval-episodes",
+                    "0",
+                    "--seed",
+                    str(seed),
+                    "--run-dir",
+                    str(args.run_dir),
+                ],
+                f"CartPole-v1__sb3-ppo__{seed}__*",
+            ),
         ]:
             t0, total, tags = timed_run(cmd, args.run_dir, pattern)
             steps, walls, returns = tags["charts/episodic_return"]
             i = first_crossing(returns, 475.0, 20)
-            rows.append((name, seed, None if i is None else int(steps[i]),
-                         None if i is None else float(walls[i] - t0), total))
+            rows.append(
+                (name, seed, None if i is None else int(steps[i]), None if i is None else float(walls[i] - t0), total)
+            )
             print(rows[-1], flush=True)
-    lines = ["| implementation | seed | env steps to 475 | wall-clock s to 475 (whole process) | whole run s |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {n} | {s} | {st if st is not None else 'never'} | {w:.2f} | {tot:.1f} |" if w is not None
-              else f"| {n} | {s} | never | never | {tot:.1f} |" for n, s, st, w, tot in rows]
+    lines = [
+        "| implementation | seed | env steps to 475 | wall-clock s to 475 (whole process) | whole run s |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {n} | {s} | {st if st is not None else 'never'} | {w:.2f} | {tot:.1f} |"
+        if w is not None
+        else f"| {n} | {s} | never | never | {tot:.1f} |"
+        for n, s, st, w, tot in rows
+    ]
     for name in dict.fromkeys(r[0] for r in rows):
         mine = [r for r in rows if r[0] == name and r[3] is not None]
         if mine:
-            lines.append(f"| **{name}: mean** | | {np.mean([r[2] for r in mine]):,.0f} | "
-                         f"{np.mean([r[3] for r in mine]):.2f} | |")
+            lines.append(
+                f"| **{name}: mean** | | {np.mean([r[2] for r in mine]):,.0f} | {np.mean([r[3] for r in mine]):.2f} | |"
+            )
     return "\n".join(lines)
 
 
@@ -68,12 +106,45 @@ def sps(args) -> str:
     rows = []
     for seed in args.seeds:
         for name, cmd, pattern in [
-            ("ppo.py (defaults)", [sys.executable, "cleanrl_style/ppo.py", "--env", args.env, "--seed", str(seed),
-                                   "--total-timesteps", str(args.steps), "--no-progress", "--eval-episodes", "0",
-                                   "--run-dir", str(args.run_dir)], f"{args.env}__ppo__{seed}__*"),
-            ("SB3 PPO (defaults)", [sys.executable, "benchmarks/peers/sb3.py", "--algo", "ppo", "--env", args.env, "--seed", str(seed), "--eval-episodes", "0",
-                                    "--total-timesteps", str(args.steps), "--run-dir", str(args.run_dir)],
-             f"{args.env}__sb3-ppo__{seed}__*"),
+            (
+                "ppo.py (defaults)",
+                [
+                    sys.executable,
+                    "cleanrl_style/ppo.py",
+                    "--env",
+                    args.env,
+                    "--seed",
+                    str(seed),
+                    "--total-timesteps",
+                    str(args.steps),
+                    "--no-progress",
+                    "--eval-episodes",
+                    "0",
+                    "--run-dir",
+                    str(args.run_dir),
+                ],
+                f"{args.env}__ppo__{seed}__*",
+            ),
+            (
+                "SB3 PPO (defaults)",
+                [
+                    sys.executable,
+                    "benchmarks/peers/sb3.py",
+                    "--algo",
+                    "ppo",
+                    "--env",
+                    args.env,
+                    "--seed",
+                    str(seed),
+                    "--eval-episodes",
+                    "0",
+                    "--total-timesteps",
+                    str(args.steps),
+                    "--run-dir",
+                    str(args.run_dir),
+                ],
+                f"{args.env}__sb3-ppo__{seed}__*",
+            ),
         ]:
             _, total, tags = timed_run(cmd, args.run_dir, pattern)
             rows.append((name, seed, float(tags["charts/SPS"][2][-1]), total))
@@ -101,8 +172,10 @@ def main() -> None:
     if args.out:
         machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python {platform.python_version()}"
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(f"Command: `python -m benchmarks.ppo_speed {' '.join(sys.argv[1:])}`\n\n"
-                            f"Date: {datetime.date.today()}; machine: {machine}\n\n{table}\n")
+        args.out.write_text(
+            f"Command: `python -m benchmarks.ppo_speed {' '.join(sys.argv[1:])}`\n\n"
+            f"Date: {datetime.date.today()}; machine: {machine}\n\n{table}\n"
+        )
 
 
 if __name__ == "__main__":

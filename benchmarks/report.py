@@ -13,9 +13,8 @@ import os
 import platform
 from pathlib import Path
 
-import numpy as np
-
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -105,7 +104,7 @@ def figure(env: str, by_algo: dict, path: Path, csv_rows: list) -> None:
             if not ok.any():
                 continue
             mean, lo, hi = bootstrap_band(curves[:, ok])
-            line, = ax.plot(grid[ok], mean, label=f"{algo} ({len(per_seed)} seeds)")
+            (line,) = ax.plot(grid[ok], mean, label=f"{algo} ({len(per_seed)} seeds)")
             ax.fill_between(grid[ok], lo, hi, color=line.get_color(), alpha=0.2)
         ax.set_xlabel("environment steps" if xkey == "steps" else "wall-clock seconds (whole process)")
         ax.set_ylabel(f"episodic return (mean of last {WINDOW})")
@@ -129,25 +128,35 @@ def report(out: Path, command: str = "") -> Path:
     if command:
         lines.append(f"Command: `{command}`  ")
     machine = f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
-    lines += [f"Date: {datetime.date.today()}; machine: {machine}", "",
-              f"Final return: IQM over seeds of the mean of the last {FINAL} training episodes; eval: IQM of the "
-              "deterministic evaluation at the end; brackets: 95% bootstrap CI over seeds. Steps and seconds to the "
-              "threshold: mean over the seeds whose running mean of episodes reached it (seconds from process start).", ""]
+    lines += [
+        f"Date: {datetime.date.today()}; machine: {machine}",
+        "",
+        f"Final return: IQM over seeds of the mean of the last {FINAL} training episodes; eval: IQM of the "
+        "deterministic evaluation at the end; brackets: 95% bootstrap CI over seeds. Steps and seconds to the "
+        "threshold: mean over the seeds whose running mean of episodes reached it (seconds from process start).",
+        "",
+    ]
     csv_rows = []
     for env in envs:
         runs = [r for r in finished if r["env"] == env]
         by_algo = {a: [r for r in runs if r["algo"] == a] for a in dict.fromkeys(r["algo"] for r in runs)}
         threshold, window = thresholds.get(env), windows.get(env, WINDOW)
-        lines += [f"## {env}" + (f" (threshold {threshold:g}, mean of {window} episodes)" if threshold is not None else ""), "",
-                  "| algorithm | seeds | final return | eval return | reached | env steps to threshold | "
-                  "seconds to threshold | steps per second |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {env}" + (f" (threshold {threshold:g}, mean of {window} episodes)" if threshold is not None else ""),
+            "",
+            "| algorithm | seeds | final return | eval return | reached | env steps to threshold | "
+            "seconds to threshold | steps per second |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for algo, algo_runs in by_algo.items():
             s = summarise(algo_runs, threshold, window)
             steps = f"{np.mean(s['steps_to']):,.0f}" if s["steps_to"] else "–"
             secs = f"{np.mean(s['secs_to']):.1f}" if s["secs_to"] else "–"
             sps = f"{np.mean(s['sps']):,.0f}" if s["sps"] else "–"
-            lines.append(f"| {algo} | {s['n']} | {fmt_ci(s['final'])} | {fmt_ci(s['eval'])} | "
-                         f"{len(s['steps_to'])}/{s['n']} | {steps} | {secs} | {sps} |")
+            lines.append(
+                f"| {algo} | {s['n']} | {fmt_ci(s['final'])} | {fmt_ci(s['eval'])} | "
+                f"{len(s['steps_to'])}/{s['n']} | {steps} | {secs} | {sps} |"
+            )
         env_failed = [f for f in failed if f["env"] == env]
         for f in env_failed:
             lines.append(f"| {f['algo']} seed {f['seed']} | FAILED (exit {f['returncode']}) | | | | | | |")
@@ -158,7 +167,9 @@ def report(out: Path, command: str = "") -> Path:
         lines.append("")
     if failed:
         lines += ["## Failed runs", ""]
-        lines += [f"- {f['algo']} on {f['env']}, seed {f['seed']}: exit {f['returncode']}, log `{f['log']}`" for f in failed]
+        lines += [
+            f"- {f['algo']} on {f['env']}, seed {f['seed']}: exit {f['returncode']}, log `{f['log']}`" for f in failed
+        ]
         lines.append("")
     with open(out / "curves.csv", "w") as fh:
         fh.write("env,algo,seed,step,return_mean_last_20\n")

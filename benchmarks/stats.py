@@ -8,7 +8,7 @@ def iqm(x) -> float:
     (scipy.stats.trim_mean(x, 0.25); with fewer than 4 values it is the plain mean)."""
     x = np.sort(np.asarray(x, np.float64))
     k = int(np.floor(0.25 * len(x)))
-    return float(np.mean(x[k:len(x) - k]))
+    return float(np.mean(x[k : len(x) - k]))
 
 
 def bootstrap_ci(x, statistic=iqm, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> tuple:

@@ -48,9 +48,16 @@ def load_suite(name: str) -> Suite:
         known = ", ".join(sorted(p.stem for p in SUITES.glob("*.toml")))
         raise ValueError(f"unknown suite '{name}' (known: {known})")
     data = tomllib.loads(path.read_text())
-    return Suite(name=path.stem, algos=data["algos"], envs=data["envs"], seeds=data["seeds"],
-                 total_timesteps=data.get("total_timesteps"), thresholds=data.get("thresholds", {}),
-                 threshold_windows=data.get("threshold_windows", {}), flags=data.get("flags", {}))
+    return Suite(
+        name=path.stem,
+        algos=data["algos"],
+        envs=data["envs"],
+        seeds=data["seeds"],
+        total_timesteps=data.get("total_timesteps"),
+        thresholds=data.get("thresholds", {}),
+        threshold_windows=data.get("threshold_windows", {}),
+        flags=data.get("flags", {}),
+    )
 
 
 @dataclass(frozen=True)
@@ -103,8 +110,16 @@ def execute(run: Run, suite: Suite, out: Path) -> dict:
     start = time.time()
     with open(log, "w") as f:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    status = {"algo": run.algo, "env": run.env, "seed": run.seed, "command": cmd, "returncode": rc,
-              "start_time": start, "seconds": time.time() - start, "log": str(log)}
+    status = {
+        "algo": run.algo,
+        "env": run.env,
+        "seed": run.seed,
+        "command": cmd,
+        "returncode": rc,
+        "start_time": start,
+        "seconds": time.time() - start,
+        "log": str(log),
+    }
     tmp = out / "status" / f"{run.key}.json.tmp"
     tmp.write_text(json.dumps(status, indent=1))
     os.replace(tmp, out / "status" / f"{run.key}.json")
@@ -125,8 +140,11 @@ def sweep(suite: Suite, out: Path, workers: int, backend: str = "local", ray_add
     (out / "suite.json").write_text(json.dumps(suite.__dict__, indent=1))
     runs = [Run(a, e, s) for a in suite.algos for e in suite.envs for s in suite.seeds]
     todo = [r for r in runs if (read_status(out, r) or {}).get("returncode") != 0]
-    print(f"{suite.name}: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run "
-          f"({backend}, {workers} at a time) -> {out}", flush=True)
+    print(
+        f"{suite.name}: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run "
+        f"({backend}, {workers} at a time) -> {out}",
+        flush=True,
+    )
     results = []
 
     def show(status: dict) -> None:
@@ -135,8 +153,11 @@ def sweep(suite: Suite, out: Path, workers: int, backend: str = "local", ray_add
         done = len(results)
         bar = "#" * int(30 * done / max(len(todo), 1))
         mark = "ok" if status["returncode"] == 0 else f"FAILED (exit {status['returncode']})"
-        print(f"[{bar:<30}] {done}/{len(todo)} ({failed} failed) {status['algo']} {status['env']} "
-              f"seed {status['seed']}: {mark} in {status['seconds']:.0f} s", flush=True)
+        print(
+            f"[{bar:<30}] {done}/{len(todo)} ({failed} failed) {status['algo']} {status['env']} "
+            f"seed {status['seed']}: {mark} in {status['seconds']:.0f} s",
+            flush=True,
+        )
 
     if backend == "ray":
         import ray
@@ -158,8 +179,11 @@ def sweep(suite: Suite, out: Path, workers: int, backend: str = "local", ray_add
     failed = [r for r in runs if (read_status(out, r) or {}).get("returncode") != 0]
     for r in failed:
         status = read_status(out, r)
-        print(f"\nFAILED {r.algo} {r.env} seed {r.seed} (exit {status['returncode'] if status else '?'}); "
-              f"log {status['log'] if status else '?'}:\n{log_tail(status) if status else ''}", file=sys.stderr)
+        print(
+            f"\nFAILED {r.algo} {r.env} seed {r.seed} (exit {status['returncode'] if status else '?'}); "
+            f"log {status['log'] if status else '?'}:\n{log_tail(status) if status else ''}",
+            file=sys.stderr,
+        )
     if failed:
         print(f"\n{len(failed)} of {len(runs)} runs failed: " + ", ".join(r.key for r in failed), file=sys.stderr)
         return 1

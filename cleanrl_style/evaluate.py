@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ class Args:
     """path of a checkpoint (.pt) written by a training script"""
     episodes: int = 10
     """number of evaluation episodes"""
-    seed: Optional[int] = None
+    seed: int | None = None
     """episode k resets with seed + k (default: the training run's seed, as in its final evaluation)"""
     capture_video: bool = False
     """record the first episode as mp4 under --video-dir/eval_{run_name}"""
@@ -66,8 +66,10 @@ def main(args: Args) -> int:
     seed = ckpt["args"]["seed"] if args.seed is None else args.seed
     video_folder = str(Path(args.video_dir) / f"eval_{Path(args.checkpoint).resolve().parent.name}")
     returns = script.evaluate(ckpt, args.episodes, seed, args.capture_video, video_folder, args.device)
-    print(f"{ckpt['algorithm']} on {ckpt['env_id']} at step {ckpt['global_step']}: "
-          f"return {np.mean(returns):.3f} ± {np.std(returns):.3f} over {len(returns)} episodes")
+    print(
+        f"{ckpt['algorithm']} on {ckpt['env_id']} at step {ckpt['global_step']}: "
+        f"return {np.mean(returns):.3f} ± {np.std(returns):.3f} over {len(returns)} episodes"
+    )
     if args.capture_video:
         print(f"video: {video_folder}")
     return 0

@@ -33,13 +33,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
+import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import gymnasium as gym
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
@@ -53,23 +53,23 @@ class Args:
     """gymnasium environment id (Box observations; Discrete or Box actions)"""
     seed: int = 1
     """seed of Python, numpy, torch and the environments"""
-    total_timesteps: Optional[int] = None
+    total_timesteps: int | None = None
     """environment steps to train for (default: 100,000 discrete, 1,000,000 continuous)"""
-    num_envs: Optional[int] = None
+    num_envs: int | None = None
     """N, parallel environments (default: 8 discrete, 1 continuous)"""
-    num_steps: Optional[int] = None
+    num_steps: int | None = None
     """T, steps per environment per rollout (default: 32 discrete, 2048 continuous)"""
-    update_epochs: Optional[int] = None
+    update_epochs: int | None = None
     """epochs over the rollout per update (default: 10 discrete, 10 continuous)"""
-    minibatch_size: Optional[int] = None
+    minibatch_size: int | None = None
     """samples per mini-batch; must divide N*T (default: 64 discrete, 64 continuous)"""
-    learning_rate: Optional[float] = None
+    learning_rate: float | None = None
     """alpha, Adam step size (default: 1e-3 discrete, 3e-4 continuous)"""
     anneal_lr: bool = True
     """anneal the learning rate linearly to 0 over the run"""
-    gamma: Optional[float] = None
+    gamma: float | None = None
     """gamma, discount factor in [0, 1] (default: 0.98 discrete, 0.99 continuous)"""
-    gae_lambda: Optional[float] = None
+    gae_lambda: float | None = None
     """lambda of GAE in [0, 1] (default: 0.8 discrete, 0.95 continuous)"""
     loss: Literal["clip", "kl"] = "clip"
     """policy objective: clip (L^CLIP) or kl (adaptive-KL penalty)"""
@@ -91,11 +91,11 @@ class Args:
     """c1, value loss coefficient"""
     max_grad_norm: float = 0.5
     """clip the global gradient norm to this value (0 disables)"""
-    target_kl: Optional[float] = None
+    target_kl: float | None = None
     """stop the update early once a mini-batch's k3 KL exceeds this (off by default)"""
-    norm_obs: Optional[bool] = None
+    norm_obs: bool | None = None
     """normalise observations with running statistics (default: off discrete, on continuous)"""
-    norm_reward: Optional[bool] = None
+    norm_reward: bool | None = None
     """scale rewards by the running std of the discounted return (default: off discrete, on continuous)"""
     hidden_size: int = 64
     """width of the two tanh hidden layers of actor and critic"""
@@ -119,7 +119,7 @@ class Args:
     """parent directory of the run directories"""
     video_dir: str = "videos"
     """parent directory of the video directories"""
-    resume: Optional[str] = None
+    resume: str | None = None
     """checkpoint to resume from: its run, hyperparameters and state go on (--total-timesteps may extend it)"""
     progress: bool = True
     """show a progress bar on a terminal"""
@@ -128,12 +128,28 @@ class Args:
 # Defaults that depend on the action space. Discrete: tuned so that CartPole-v1 is solved fast.
 # Continuous: the PPO paper's MuJoCo settings (Schulman et al. 2017, Table 3).
 DISCRETE_DEFAULTS = dict(
-    total_timesteps=100_000, num_envs=8, num_steps=32, update_epochs=10, minibatch_size=64,
-    learning_rate=1e-3, gamma=0.98, gae_lambda=0.8, norm_obs=False, norm_reward=False,
+    total_timesteps=100_000,
+    num_envs=8,
+    num_steps=32,
+    update_epochs=10,
+    minibatch_size=64,
+    learning_rate=1e-3,
+    gamma=0.98,
+    gae_lambda=0.8,
+    norm_obs=False,
+    norm_reward=False,
 )
 CONTINUOUS_DEFAULTS = dict(
-    total_timesteps=1_000_000, num_envs=1, num_steps=2048, update_epochs=10, minibatch_size=64,
-    learning_rate=3e-4, gamma=0.99, gae_lambda=0.95, norm_obs=True, norm_reward=True,
+    total_timesteps=1_000_000,
+    num_envs=1,
+    num_steps=2048,
+    update_epochs=10,
+    minibatch_size=64,
+    learning_rate=3e-4,
+    gamma=0.99,
+    gae_lambda=0.95,
+    norm_obs=True,
+    norm_reward=True,
 )
 
 
@@ -197,7 +213,7 @@ class RunningMeanStd:
         self.mean, self.var, self.count = d["mean"].numpy().copy(), d["var"].numpy().copy(), float(d["count"])
 
 
-def normalize_obs(s: np.ndarray, obs_rms: Optional[RunningMeanStd], clip: float = 10.0) -> np.ndarray:
+def normalize_obs(s: np.ndarray, obs_rms: RunningMeanStd | None, clip: float = 10.0) -> np.ndarray:
     """(s - mean) / sqrt(var + 1e-8), clipped to [-10, 10]; the identity without statistics."""
     if obs_rms is None:
         return s.astype(np.float32)
@@ -217,8 +233,10 @@ def layer_init(layer: nn.Linear, std: float = math.sqrt(2), bias: float = 0.0) -
 
 def mlp(n_in: int, n_out: int, hidden: int, out_std: float) -> nn.Sequential:
     return nn.Sequential(
-        layer_init(nn.Linear(n_in, hidden)), nn.Tanh(),
-        layer_init(nn.Linear(hidden, hidden)), nn.Tanh(),
+        layer_init(nn.Linear(n_in, hidden)),
+        nn.Tanh(),
+        layer_init(nn.Linear(hidden, hidden)),
+        nn.Tanh(),
         layer_init(nn.Linear(hidden, n_out), std=out_std),
     )
 
@@ -365,7 +383,7 @@ def adapt_beta(beta: float, d: float, kl_target: float) -> float:
     return beta
 
 
-def value_loss(V: torch.Tensor, G: torch.Tensor, V_old: torch.Tensor, clip_eps: Optional[float]) -> torch.Tensor:
+def value_loss(V: torch.Tensor, G: torch.Tensor, V_old: torch.Tensor, clip_eps: float | None) -> torch.Tensor:
     """1/2 (V - G)^2, or with clipping 1/2 max((V - G)^2, (V_clip - G)^2), V_clip = V_old + clip(V - V_old, +-eps)."""
     loss = (V - G) ** 2
     if clip_eps is not None:
@@ -394,10 +412,14 @@ def resolve_args(args: Args, discrete: bool) -> Args:
         (0.0 <= args.gamma <= 1.0, f"--gamma must lie in [0, 1], got {args.gamma}"),
         (0.0 <= args.gae_lambda <= 1.0, f"--gae-lambda must lie in [0, 1], got {args.gae_lambda}"),
         (args.num_envs >= 1 and args.num_steps >= 1, "--num-envs and --num-steps must be at least 1"),
-        (args.minibatch_size >= 1 and batch_size % args.minibatch_size == 0,
-         f"--minibatch-size {args.minibatch_size} does not divide the batch num_envs*num_steps = {batch_size}"),
-        (args.total_timesteps >= batch_size,
-         f"--total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)"),
+        (
+            args.minibatch_size >= 1 and batch_size % args.minibatch_size == 0,
+            f"--minibatch-size {args.minibatch_size} does not divide the batch num_envs*num_steps = {batch_size}",
+        ),
+        (
+            args.total_timesteps >= batch_size,
+            f"--total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)",
+        ),
         (args.update_epochs >= 1, "--update-epochs must be at least 1"),
         (args.learning_rate > 0, "--learning-rate must be positive"),
         (args.clip_eps > 0, "--clip-eps must be positive"),
@@ -431,7 +453,7 @@ def save_checkpoint(path: Path, ckpt: dict) -> None:
     os.replace(tmp, path)
 
 
-def build_agent(ckpt: dict, device: str = "cpu") -> tuple[Agent, Optional[RunningMeanStd], gym.Env]:
+def build_agent(ckpt: dict, device: str = "cpu") -> tuple[Agent, RunningMeanStd | None, gym.Env]:
     """Rebuild the agent and the frozen observation statistics from a checkpoint."""
     obs_space, act_space = env_spaces(ckpt["env_id"])
     discrete = isinstance(act_space, gym.spaces.Discrete)
@@ -446,15 +468,22 @@ def build_agent(ckpt: dict, device: str = "cpu") -> tuple[Agent, Optional[Runnin
     return agent, obs_rms, act_space
 
 
-def evaluate(ckpt: dict, episodes: int, seed: int, capture_video: bool = False,
-             video_folder: Optional[str] = None, device: str = "cpu") -> np.ndarray:
+def evaluate(
+    ckpt: dict,
+    episodes: int,
+    seed: int,
+    capture_video: bool = False,
+    video_folder: str | None = None,
+    device: str = "cpu",
+) -> np.ndarray:
     """Returns of `episodes` episodes of the deterministic policy (argmax, or the mean action clipped to
     the bounds), with the checkpoint's observation statistics frozen. Episode k resets with seed + k."""
     agent, obs_rms, act_space = build_agent(ckpt, device)
     if capture_video:
         env = gym.make(ckpt["env_id"], render_mode="rgb_array")
-        env = gym.wrappers.RecordVideo(env, video_folder, name_prefix="eval", episode_trigger=lambda e: e == 0,
-                                       disable_logger=True)
+        env = gym.wrappers.RecordVideo(
+            env, video_folder, name_prefix="eval", episode_trigger=lambda e: e == 0, disable_logger=True
+        )
     else:
         env = gym.make(ckpt["env_id"])
     env = gym.wrappers.FlattenObservation(env)
@@ -489,8 +518,9 @@ class Progress:
         self.last = now
         done = int(30 * step / self.total)
         ret = f"{np.mean(recent):9.1f}" if recent else "      n/a"
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {step:>10,}/{self.total:,} steps "
-                         f"| {sps:7,.0f} SPS | return {ret}")
+        sys.stderr.write(
+            f"\r[{'#' * done}{'.' * (30 - done)}] {step:>10,}/{self.total:,} steps | {sps:7,.0f} SPS | return {ret}"
+        )
         sys.stderr.flush()
 
     def close(self) -> None:
@@ -516,16 +546,21 @@ def main(args: Args) -> int:
         args = resumed
     obs_space, act_space = env_spaces(args.env)
     if not isinstance(obs_space, gym.spaces.Box) or not isinstance(act_space, (gym.spaces.Discrete, gym.spaces.Box)):
-        raise UsageError(f"ppo needs Box observations and Discrete or Box actions; {args.env} has "
-                         f"{obs_space} and {act_space}")
+        raise UsageError(
+            f"ppo needs Box observations and Discrete or Box actions; {args.env} has {obs_space} and {act_space}"
+        )
     discrete = isinstance(act_space, gym.spaces.Discrete)
     given = {k for k in DISCRETE_DEFAULTS if getattr(args, k) is not None}
     args = resolve_args(args, discrete)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     kind = "discrete" if discrete else "continuous"
-    print(f"ppo on {args.env} ({kind} actions {act_space}); {kind} defaults, flags given override: "
-          + ", ".join(f"{k}={getattr(args, k)}{'' if k not in given else ' (flag)'}" for k in DISCRETE_DEFAULTS)
-          + f"; loss={args.loss}, device={device}")
+    print(
+        f"ppo on {args.env} ({kind} actions {act_space}); {kind} defaults, flags given override: "
+        + ", ".join(f"{k}={getattr(args, k)}{'' if k not in given else ' (flag)'}" for k in DISCRETE_DEFAULTS)
+        + f"; loss={args.loss}, device={device}"
+    )
 
     # ---- seeding and run directory (nothing is written before this point) ----
     random.seed(args.seed)
@@ -546,8 +581,10 @@ def main(args: Args) -> int:
     run_path.mkdir(parents=True, exist_ok=True)
     (run_path / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     writer = SummaryWriter(str(run_path))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n"
-                    + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()),
+    )
     video_folder = str(Path(args.video_dir) / run_name)
 
     # ---- environments: N copies, autoreset in the same step so the true final observation is kept ----
@@ -581,9 +618,15 @@ def main(args: Args) -> int:
 
     def checkpoint() -> dict:
         return {
-            "format_version": CHECKPOINT_FORMAT, "algorithm": ALGORITHM, "env_id": args.env,
-            "args": dataclasses.asdict(args), "global_step": global_step, "iteration": iteration,
-            "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "beta": beta,
+            "format_version": CHECKPOINT_FORMAT,
+            "algorithm": ALGORITHM,
+            "env_id": args.env,
+            "args": dataclasses.asdict(args),
+            "global_step": global_step,
+            "iteration": iteration,
+            "model": agent.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "beta": beta,
             "obs_rms": obs_rms.state_dict() if obs_rms else None,
             "ret_rms": ret_rms.state_dict() if ret_rms else None,
         }
@@ -613,7 +656,9 @@ def main(args: Args) -> int:
     recent_returns: list = []
     progress = Progress(args.total_timesteps, args.progress)
     sps_step, sps_time = global_step, time.time()
-    next_checkpoint = (global_step // args.checkpoint_every + 1) * args.checkpoint_every if args.checkpoint_every else None
+    next_checkpoint = (
+        (global_step // args.checkpoint_every + 1) * args.checkpoint_every if args.checkpoint_every else None
+    )
     status = 0
 
     try:
@@ -679,16 +724,23 @@ def main(args: Args) -> int:
             # ---- update: epochs over shuffled mini-batches ----
             diagnostics = []  # per mini-batch: k1, k3, clip fraction
             steps_done, stop = 0, False
-            for epoch in range(args.update_epochs):
+            for _epoch in range(args.update_epochs):
                 perm = torch.randperm(batch_size, device=device)
                 for start in range(0, batch_size, args.minibatch_size):
-                    mb = perm[start:start + args.minibatch_size]
+                    mb = perm[start : start + args.minibatch_size]
                     head = agent.head(b_obs[mb])
                     log_rho = agent.log_prob(head, b_actions[mb]) - b_logp_old[mb]
                     rho = log_rho.exp()
                     with torch.no_grad():
-                        diagnostics.append(torch.stack([kl_k1(log_rho).mean(), kl_k3(log_rho).mean(),
-                                                        ((rho - 1.0).abs() > args.clip_eps).float().mean()]))
+                        diagnostics.append(
+                            torch.stack(
+                                [
+                                    kl_k1(log_rho).mean(),
+                                    kl_k3(log_rho).mean(),
+                                    ((rho - 1.0).abs() > args.clip_eps).float().mean(),
+                                ]
+                            )
+                        )
                     if args.target_kl is not None and diagnostics[-1][1].item() > args.target_kl:
                         stop = True
                         break
@@ -701,14 +753,17 @@ def main(args: Args) -> int:
                         else:
                             kl = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}[args.kl_estimator](log_rho)
                         pg_loss = -(rho * A_mb).mean() + beta * kl.mean()
-                    v_loss = value_loss(agent.value(b_obs[mb]), b_G[mb], b_V[mb],
-                                        args.clip_eps if args.clip_vloss else None)
+                    v_loss = value_loss(
+                        agent.value(b_obs[mb]), b_G[mb], b_V[mb], args.clip_eps if args.clip_vloss else None
+                    )
                     loss = pg_loss + args.vf_coef * v_loss
                     if args.ent_coef != 0:  # the bonus -c2 H (left out of the graph, not multiplied by 0, when c2 = 0)
                         loss = loss - args.ent_coef * agent.entropy(head).mean()
                     if not torch.isfinite(loss):
-                        raise NonFiniteLoss(f"non-finite loss at global step {global_step} "
-                                            f"(policy {pg_loss.item()}, value {v_loss.item()})")
+                        raise NonFiniteLoss(
+                            f"non-finite loss at global step {global_step} "
+                            f"(policy {pg_loss.item()}, value {v_loss.item()})"
+                        )
                     optimizer.zero_grad()
                     loss.backward()
                     if args.max_grad_norm > 0:
@@ -762,8 +817,9 @@ def main(args: Args) -> int:
         print(f"interrupted at global step {global_step}; resume with --resume {ckpt_path}", file=sys.stderr)
         status = 130
     if status == 0 and args.eval_episodes > 0:
-        returns = evaluate(checkpoint(), args.eval_episodes, args.seed, args.capture_video,
-                           f"{video_folder}/eval", str(device))
+        returns = evaluate(
+            checkpoint(), args.eval_episodes, args.seed, args.capture_video, f"{video_folder}/eval", str(device)
+        )
         writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
         writer.add_scalar("eval/episodic_return_std", returns.std(), global_step)
         print(f"eval: {returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")

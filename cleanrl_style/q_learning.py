@@ -31,15 +31,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
+import gymnasium as gym
+import matplotlib
 import numpy as np
 import torch
-import gymnasium as gym
 import tyro
 from torch.utils.tensorboard import SummaryWriter
-
-import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -54,23 +53,23 @@ class Args:
     """gymnasium environment id (Discrete actions; Discrete or Box observations)"""
     seed: int = 1
     """seed of Python, numpy and the environment"""
-    total_timesteps: Optional[int] = None
+    total_timesteps: int | None = None
     """environment steps to train for (default: 100,000 discrete observations, 500,000 Box)"""
-    alpha: Optional[float] = None
+    alpha: float | None = None
     """alpha, step size of the update (default: 0.5 discrete observations, 0.1 Box)"""
     gamma: float = 0.99
     """gamma, discount factor in [0, 1]"""
-    epsilon_start: Optional[float] = None
+    epsilon_start: float | None = None
     """epsilon at the start (default: 0.1 discrete observations, 1.0 Box)"""
-    epsilon_end: Optional[float] = None
+    epsilon_end: float | None = None
     """epsilon at the end of the decay (default: 0.1 discrete observations, 0.01 Box)"""
     epsilon_decay_fraction: float = 0.5
     """fraction of the run over which epsilon decays linearly from start to end (constant if they are equal)"""
-    bins: Optional[tuple[int, ...]] = None
+    bins: tuple[int, ...] | None = None
     """Box observations: bins per dimension, one value for all or one per dimension"""
-    obs_low: Optional[tuple[float, ...]] = None
+    obs_low: tuple[float, ...] | None = None
     """Box observations: lower bound per dimension of the discretisation"""
-    obs_high: Optional[tuple[float, ...]] = None
+    obs_high: tuple[float, ...] | None = None
     """Box observations: upper bound per dimension of the discretisation"""
     exp_name: str = Path(__file__).stem
     """experiment name, part of the run directory name"""
@@ -90,7 +89,7 @@ class Args:
     """parent directory of the run directories"""
     video_dir: str = "videos"
     """parent directory of the video directories"""
-    resume: Optional[str] = None
+    resume: str | None = None
     """checkpoint to resume from: its run, hyperparameters, Q-table and step go on"""
     progress: bool = True
     """show a progress bar on a terminal"""
@@ -137,7 +136,7 @@ class Discretizer:
     of each dimension (equal-width bins between low and high, clipped at both ends), combined in
     row-major order into one index."""
 
-    def __init__(self, n_states: Optional[int] = None, bins=None, low=None, high=None):
+    def __init__(self, n_states: int | None = None, bins=None, low=None, high=None):
         self.bins = None if bins is None else np.asarray(bins, np.int64)
         self.low = None if low is None else np.asarray(low, np.float64)
         self.high = None if high is None else np.asarray(high, np.float64)
@@ -166,8 +165,16 @@ def make_discretizer(args: "Args", obs_space: gym.Space) -> Discretizer:
     dim = int(np.prod(obs_space.shape))
     known = KNOWN_DISCRETISATIONS.get(args.env, {})
     bins = args.bins or known.get("bins") or (6,)
-    low = args.obs_low or known.get("obs_low") or tuple(np.where(np.isfinite(obs_space.low), obs_space.low, -UNBOUNDED_LIMIT))
-    high = args.obs_high or known.get("obs_high") or tuple(np.where(np.isfinite(obs_space.high), obs_space.high, UNBOUNDED_LIMIT))
+    low = (
+        args.obs_low
+        or known.get("obs_low")
+        or tuple(np.where(np.isfinite(obs_space.low), obs_space.low, -UNBOUNDED_LIMIT))
+    )
+    high = (
+        args.obs_high
+        or known.get("obs_high")
+        or tuple(np.where(np.isfinite(obs_space.high), obs_space.high, UNBOUNDED_LIMIT))
+    )
     bins = tuple(bins) * dim if len(bins) == 1 else tuple(bins)
     if len(bins) != dim or len(low) != dim or len(high) != dim:
         raise UsageError(f"--bins, --obs-low and --obs-high need 1 or {dim} values for {args.env}")
@@ -181,8 +188,9 @@ def make_discretizer(args: "Args", obs_space: gym.Space) -> Discretizer:
 def make_env(env_id: str, capture_video: bool, video_folder: str, name_prefix: str, trigger=None) -> gym.Env:
     if capture_video:
         env = gym.make(env_id, render_mode="rgb_array")
-        return gym.wrappers.RecordVideo(env, video_folder, name_prefix=name_prefix, episode_trigger=trigger,
-                                       disable_logger=True)
+        return gym.wrappers.RecordVideo(
+            env, video_folder, name_prefix=name_prefix, episode_trigger=trigger, disable_logger=True
+        )
     return gym.make(env_id)
 
 
@@ -229,7 +237,7 @@ GRID_ARROWS = {
 }
 
 
-def grid_shape(env: gym.Env) -> Optional[tuple[int, int]]:
+def grid_shape(env: gym.Env) -> tuple[int, int] | None:
     u = env.unwrapped
     if hasattr(u, "shape") and len(u.shape) == 2:
         return tuple(u.shape)
@@ -251,8 +259,16 @@ def policy_figure(Q: np.ndarray, env_id: str, shape: tuple[int, int], title: str
     for s in np.flatnonzero(visited):
         dx, dy = arrows[int(np.argmax(Q[s]))]
         r, c = divmod(s, cols)
-        ax.arrow(c - 0.25 * dx, r + 0.25 * dy, 0.5 * dx, -0.5 * dy, head_width=0.18, head_length=0.15,
-                 length_includes_head=True, color="white")
+        ax.arrow(
+            c - 0.25 * dx,
+            r + 0.25 * dy,
+            0.5 * dx,
+            -0.5 * dy,
+            head_width=0.18,
+            head_length=0.15,
+            length_includes_head=True,
+            color="white",
+        )
     ax.set_xticks(range(cols))
     ax.set_yticks(range(rows))
     ax.set_title(title)
@@ -294,8 +310,14 @@ def save_checkpoint(path: Path, ckpt: dict) -> None:
     os.replace(tmp, path)
 
 
-def evaluate(ckpt: dict, episodes: int, seed: int, capture_video: bool = False,
-             video_folder: Optional[str] = None, device: str = "cpu") -> np.ndarray:
+def evaluate(
+    ckpt: dict,
+    episodes: int,
+    seed: int,
+    capture_video: bool = False,
+    video_folder: str | None = None,
+    device: str = "cpu",
+) -> np.ndarray:
     """Returns of `episodes` episodes of the greedy policy argmax_a Q(s, a) (first maximum on ties).
     Episode k resets with seed + k; an env without a time limit is cut at EVAL_STEP_LIMIT steps."""
     Q = ckpt["model"]["Q"].numpy()
@@ -329,8 +351,9 @@ class Progress:
         self.last = now
         done = int(30 * step / self.total)
         ret = f"{np.mean(recent):9.1f}" if recent else "      n/a"
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {step:>10,}/{self.total:,} steps "
-                         f"| {sps:7,.0f} SPS | return {ret}")
+        sys.stderr.write(
+            f"\r[{'#' * done}{'.' * (30 - done)}] {step:>10,}/{self.total:,} steps | {sps:7,.0f} SPS | return {ret}"
+        )
         sys.stderr.flush()
 
     def close(self) -> None:
@@ -363,10 +386,12 @@ def main(args: Args) -> int:
     args = resolve_args(args, discrete_obs)
     phi = Discretizer.from_state_dict(ckpt["discretizer"]) if ckpt else make_discretizer(args, obs_space)
     n_actions = int(act_space.n)
-    print(f"{ALGORITHM} on {args.env}: {phi.n_states:,} states x {n_actions} actions"
-          + ("" if discrete_obs else f" (bins {phi.bins.tolist()}, low {phi.low.tolist()}, high {phi.high.tolist()})")
-          + f"; total_timesteps={args.total_timesteps}, alpha={args.alpha}, gamma={args.gamma}, "
-          f"epsilon {args.epsilon_start} -> {args.epsilon_end} over {args.epsilon_decay_fraction:.0%} of the run")
+    print(
+        f"{ALGORITHM} on {args.env}: {phi.n_states:,} states x {n_actions} actions"
+        + ("" if discrete_obs else f" (bins {phi.bins.tolist()}, low {phi.low.tolist()}, high {phi.high.tolist()})")
+        + f"; total_timesteps={args.total_timesteps}, alpha={args.alpha}, gamma={args.gamma}, "
+        f"epsilon {args.epsilon_start} -> {args.epsilon_end} over {args.epsilon_decay_fraction:.0%} of the run"
+    )
 
     # ---- seeding and run directory (nothing is written before this point) ----
     random.seed(args.seed)
@@ -381,8 +406,10 @@ def main(args: Args) -> int:
     run_path.mkdir(parents=True, exist_ok=True)
     (run_path / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     writer = SummaryWriter(str(run_path))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n"
-                    + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()),
+    )
     video_folder = str(Path(args.video_dir) / run_name)
     if "DISPLAY" not in os.environ:
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame rendering without a screen
@@ -399,9 +426,15 @@ def main(args: Args) -> int:
 
     def checkpoint() -> dict:
         return {
-            "format_version": CHECKPOINT_FORMAT, "algorithm": ALGORITHM, "env_id": args.env,
-            "args": dataclasses.asdict(args), "global_step": global_step, "episode": episode,
-            "model": {"Q": torch.from_numpy(Q.copy())}, "optimizer": {}, "discretizer": phi.state_dict(),
+            "format_version": CHECKPOINT_FORMAT,
+            "algorithm": ALGORITHM,
+            "env_id": args.env,
+            "args": dataclasses.asdict(args),
+            "global_step": global_step,
+            "episode": episode,
+            "model": {"Q": torch.from_numpy(Q.copy())},
+            "optimizer": {},
+            "discretizer": phi.state_dict(),
         }
 
     interrupted = []
@@ -416,12 +449,15 @@ def main(args: Args) -> int:
     abs_deltas: list = []
     progress = Progress(args.total_timesteps, args.progress)
     sps_step, sps_time = global_step, time.time()
-    next_checkpoint = (global_step // args.checkpoint_every + 1) * args.checkpoint_every if args.checkpoint_every else None
+    next_checkpoint = (
+        (global_step // args.checkpoint_every + 1) * args.checkpoint_every if args.checkpoint_every else None
+    )
     status = 0
     try:
         while global_step < args.total_timesteps and not interrupted:
-            epsilon = epsilon_schedule(global_step, args.total_timesteps, args.epsilon_start, args.epsilon_end,
-                                       args.epsilon_decay_fraction)
+            epsilon = epsilon_schedule(
+                global_step, args.total_timesteps, args.epsilon_start, args.epsilon_end, args.epsilon_decay_fraction
+            )
             a = epsilon_greedy(Q[s], epsilon, rng)
             s_next_raw, r, terminated, truncated, _ = env.step(a)
             global_step += 1

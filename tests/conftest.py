@@ -13,9 +13,7 @@ SCRIPTS = ROOT / "cleanrl_style"
 sys.path.insert(0, str(ROOT))
 
 # Every training script in cleanrl_style/ (the evaluation entry point and package files are not).
-TRAINING_SCRIPTS = sorted(
-    p.stem for p in SCRIPTS.glob("*.py") if not p.name.startswith("_") and p.stem != "evaluate"
-)
+TRAINING_SCRIPTS = sorted(p.stem for p in SCRIPTS.glob("*.py") if not p.name.startswith("_") and p.stem != "evaluate")
 
 
 def script_env() -> dict:
@@ -28,7 +26,11 @@ def run_script(name: str, *flags: str, cwd: Path, timeout: float = 600, check: b
     """Run cleanrl_style/{name}.py with `flags` in `cwd`; returns the CompletedProcess."""
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / f"{name}.py"), *flags],
-        cwd=cwd, env=script_env(), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{name} {' '.join(flags)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
@@ -38,8 +40,17 @@ def run_script(name: str, *flags: str, cwd: Path, timeout: float = 600, check: b
 def train(name: str, tmp: Path, *flags: str, timeout: float = 600) -> Path:
     """Train with `flags` into tmp/runs and return the one run directory it made."""
     before = set((tmp / "runs").glob("*")) if (tmp / "runs").exists() else set()
-    run_script(name, "--no-progress", "--run-dir", str(tmp / "runs"), "--video-dir", str(tmp / "videos"),
-               *flags, cwd=tmp, timeout=timeout)
+    run_script(
+        name,
+        "--no-progress",
+        "--run-dir",
+        str(tmp / "runs"),
+        "--video-dir",
+        str(tmp / "videos"),
+        *flags,
+        cwd=tmp,
+        timeout=timeout,
+    )
     made = sorted(set((tmp / "runs").glob("*")) - before)
     assert len(made) == 1, made
     return made[0]

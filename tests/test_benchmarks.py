@@ -8,11 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, script_env
 
 from benchmarks.events import first_crossing, load_scalars
 from benchmarks.report import on_grid, running_mean
 from benchmarks.stats import bootstrap_band, bootstrap_ci, iqm
-from conftest import ROOT, script_env
 
 
 def test_iqm_by_hand():
@@ -67,8 +67,14 @@ total_timesteps = 1024
 
 
 def harness(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=ROOT, env=script_env(),
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args],
+        cwd=ROOT,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_sweep_report_resume_and_failures(tmp):
@@ -129,8 +135,10 @@ def test_bad_arguments_exit_2(tmp):
 def test_ray_backend_with_a_local_instance(tmp):
     pytest.importorskip("ray")
     suite = tmp / "ray.toml"
-    suite.write_text('algos = ["q_learning"]\nenvs = ["CliffWalking-v1"]\nseeds = [1, 2]\ntotal_timesteps = 3000\n'
-                     '[flags]\n"q_learning" = ["--eval-episodes", "1"]\n')
+    suite.write_text(
+        'algos = ["q_learning"]\nenvs = ["CliffWalking-v1"]\nseeds = [1, 2]\ntotal_timesteps = 3000\n'
+        '[flags]\n"q_learning" = ["--eval-episodes", "1"]\n'
+    )
     out = tmp / "out"
     proc = harness("run", "--suite", str(suite), "--backend", "ray", "--workers", "2", "--out", str(out), cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,14 +7,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-from moviepy import VideoFileClip
-
 from conftest import SCRIPTS, TRAINING_SCRIPTS, run_script, scalars, text_tags, train
+from moviepy import VideoFileClip
 
 # A tiny run of each script: its default environment, a budget of a few updates.
 TINY = {"ppo": ["--total-timesteps", "512"]}
-CONTRACT_TAGS = ["charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/learning_rate",
-                 "eval/episodic_return"]
+CONTRACT_TAGS = [
+    "charts/episodic_return",
+    "charts/episodic_length",
+    "charts/SPS",
+    "charts/learning_rate",
+    "eval/episodic_return",
+]
 
 
 def tiny(name: str) -> list:
@@ -32,8 +36,20 @@ def test_there_are_scripts():
 
 def test_help(script, tmp):
     out = run_script(script, "--help", cwd=tmp).stdout
-    for flag in ["--env", "--seed", "--total-timesteps", "--exp-name", "--device", "--capture-video",
-                 "--save-model", "--eval-episodes", "--run-dir", "--video-dir", "--resume", "--no-progress"]:
+    for flag in [
+        "--env",
+        "--seed",
+        "--total-timesteps",
+        "--exp-name",
+        "--device",
+        "--capture-video",
+        "--save-model",
+        "--eval-episodes",
+        "--run-dir",
+        "--video-dir",
+        "--resume",
+        "--no-progress",
+    ]:
         assert flag in out, flag
     assert list(tmp.iterdir()) == []
 
@@ -85,8 +101,17 @@ def test_capture_video_decodes(script, tmp):
 
 
 def test_unknown_env_exits_2_and_writes_nothing(script, tmp):
-    proc = run_script(script, "--env", "NoSuchEnv-v0", "--run-dir", str(tmp / "runs"),
-                      "--video-dir", str(tmp / "videos"), cwd=tmp, check=False)
+    proc = run_script(
+        script,
+        "--env",
+        "NoSuchEnv-v0",
+        "--run-dir",
+        str(tmp / "runs"),
+        "--video-dir",
+        str(tmp / "videos"),
+        cwd=tmp,
+        check=False,
+    )
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "NoSuchEnv-v0" in lines[0], proc.stderr

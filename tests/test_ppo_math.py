@@ -26,7 +26,10 @@ def test_worked_example_ratio_and_clip():
     pi_old = torch.tensor([0.2, 0.5, 0.3])
     pi_theta = torch.tensor([0.25, 0.55, 0.2])
     a = torch.zeros(3, dtype=torch.long)  # the action taken is action 0 of a two-action policy
-    logits = lambda p: torch.stack([p.log(), (1 - p).log()], -1)
+
+    def logits(p):
+        return torch.stack([p.log(), (1 - p).log()], -1)
+
     log_rho = ppo.categorical_log_prob(logits(pi_theta), a) - ppo.categorical_log_prob(logits(pi_old), a)
     rho = log_rho.exp()
     np.testing.assert_allclose(rho, [1.25, 1.1, 2 / 3], atol=1e-6)
@@ -67,8 +70,11 @@ def test_gae_equals_brute_force(seed):
     r, V, V_next, term, ended = random_rollout(rng)
     assert term.sum() > 0 and (ended - term).sum() > 0  # both kinds of episode end occur
     for lam in [0.0, 0.5, 0.95, 1.0]:
-        np.testing.assert_allclose(ppo.gae(r, V, V_next, term, ended, 0.97, lam),
-                                   brute_force_gae(r, V, V_next, term, ended, 0.97, lam), atol=1e-10)
+        np.testing.assert_allclose(
+            ppo.gae(r, V, V_next, term, ended, 0.97, lam),
+            brute_force_gae(r, V, V_next, term, ended, 0.97, lam),
+            atol=1e-10,
+        )
 
 
 def test_gae_lambda_limits():
@@ -122,7 +128,8 @@ def test_exact_kl_matches_torch_distributions():
     # log-prob and entropy against torch.distributions too
     a = torch.tensor([0.3, 0.2, -1.0])
     assert ppo.gaussian_log_prob(mu_p, ls_p, a).item() == pytest.approx(
-        Normal(mu_p, ls_p.exp()).log_prob(a).sum().item(), rel=1e-6)
+        Normal(mu_p, ls_p.exp()).log_prob(a).sum().item(), rel=1e-6
+    )
     assert ppo.gaussian_entropy(ls_p).item() == pytest.approx(Normal(mu_p, ls_p.exp()).entropy().sum().item())
     assert ppo.categorical_entropy(logits_p).item() == pytest.approx(Categorical(logits=logits_p).entropy().item())
 
@@ -135,7 +142,9 @@ def test_kl_estimators_by_monte_carlo(family):
     if family == "categorical":
         logits_q, logits_p = two_categoricals()
         x = torch.multinomial(logits_q.softmax(-1), n, replacement=True, generator=g)
-        log_r = ppo.categorical_log_prob(logits_p.expand(n, -1), x) - ppo.categorical_log_prob(logits_q.expand(n, -1), x)
+        log_r = ppo.categorical_log_prob(logits_p.expand(n, -1), x) - ppo.categorical_log_prob(
+            logits_q.expand(n, -1), x
+        )
         exact = ppo.categorical_kl(logits_q, logits_p).item()
     else:
         mu_q, ls_q = torch.tensor([0.0, 0.5]), torch.tensor([0.0, -0.3])

@@ -10,15 +10,15 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import SCRIPTS, run_script, scalars, script_env, train
 
 from cleanrl_style import ppo
-from conftest import SCRIPTS, run_script, scalars, script_env, train
 
 
 def best_mean_of_20(returns: list) -> float:
     r = np.array([v for _, v in returns])
     assert len(r) >= 20, f"only {len(r)} episodes"
-    return max(r[i - 20:i].mean() for i in range(20, len(r) + 1))
+    return max(r[i - 20 : i].mean() for i in range(20, len(r) + 1))
 
 
 @pytest.mark.parametrize("loss", ["clip", "kl"])
@@ -50,12 +50,15 @@ def test_same_seed_same_returns(env, tmp):
     assert logs[0] == logs[1]
 
 
-@pytest.mark.parametrize("flags", [
-    ["--minibatch-size", "100"],  # does not divide the batch of 8 * 32
-    ["--gamma", "1.5"],
-    ["--gae-lambda", "-0.1"],
-    ["--total-timesteps", "10"],
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--minibatch-size", "100"],  # does not divide the batch of 8 * 32
+        ["--gamma", "1.5"],
+        ["--gae-lambda", "-0.1"],
+        ["--total-timesteps", "10"],
+    ],
+)
 def test_bad_hyperparameters_exit_2_before_writing(flags, tmp):
     proc = run_script("ppo", *flags, "--run-dir", str(tmp / "runs"), cwd=tmp, check=False)
     assert proc.returncode == 2
@@ -65,8 +68,19 @@ def test_bad_hyperparameters_exit_2_before_writing(flags, tmp):
 
 
 def test_sigint_checkpoints_and_resume_continues(tmp):
-    cmd = [sys.executable, str(SCRIPTS / "ppo.py"), "--no-progress", "--total-timesteps", "10000000",
-           "--run-dir", str(tmp / "runs"), "--checkpoint-every", "0", "--eval-episodes", "0"]
+    cmd = [
+        sys.executable,
+        str(SCRIPTS / "ppo.py"),
+        "--no-progress",
+        "--total-timesteps",
+        "10000000",
+        "--run-dir",
+        str(tmp / "runs"),
+        "--checkpoint-every",
+        "0",
+        "--eval-episodes",
+        "0",
+    ]
     proc = subprocess.Popen(cmd, cwd=tmp, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not list((tmp / "runs").glob("*/events.out.tfevents.*")) and time.time() < deadline:
@@ -86,8 +100,17 @@ def test_sigint_checkpoints_and_resume_continues(tmp):
     assert logged[-1][0] == step0  # the checkpoint holds the last finished update
 
     target = step0 + 4 * 256
-    run_script("ppo", "--no-progress", "--resume", str(ckpt_path), "--total-timesteps", str(target),
-               "--eval-episodes", "0", cwd=tmp)
+    run_script(
+        "ppo",
+        "--no-progress",
+        "--resume",
+        str(ckpt_path),
+        "--total-timesteps",
+        str(target),
+        "--eval-episodes",
+        "0",
+        cwd=tmp,
+    )
     resumed = torch.load(ckpt_path, weights_only=True)
     assert resumed["global_step"] == target
     # Adam's state went on: 4 more updates of 10 epochs x 4 mini-batches each
@@ -128,8 +151,18 @@ def test_target_kl_stops_updates_early(tmp):
 
 
 def test_evaluation_uses_the_frozen_observation_statistics(tmp):
-    run = train("ppo", tmp, "--env", "InvertedPendulum-v5", "--total-timesteps", "4096", "--num-steps", "512",
-                "--eval-episodes", "3")
+    run = train(
+        "ppo",
+        tmp,
+        "--env",
+        "InvertedPendulum-v5",
+        "--total-timesteps",
+        "4096",
+        "--num-steps",
+        "512",
+        "--eval-episodes",
+        "3",
+    )
     ckpt = torch.load(run / "ppo.pt", weights_only=True)
     assert ckpt["obs_rms"] is not None and ckpt["ret_rms"] is not None
     count = ckpt["obs_rms"]["count"]
@@ -175,9 +208,11 @@ def test_rollout_bootstraps_from_the_true_final_observation(env_id, tmp, monkeyp
             super().__init__(*a, **k)
             agents.append(self)
 
+    def V_of(x):
+        return agents[0].value(torch.tensor([[x]], dtype=torch.float32)).item()
+
     def recording_gae(r, V, V_next, terminated, ended, gamma, gae_lambda):
         with torch.no_grad():
-            V_of = lambda x: agents[0].value(torch.tensor([[x]], dtype=torch.float32)).item()
             seen.append((V.copy(), V_next.copy(), terminated.copy(), ended.copy(), V_of(5.0), V_of(0.0)))
         return real_gae(r, V, V_next, terminated, ended, gamma, gae_lambda)
 
@@ -185,8 +220,17 @@ def test_rollout_bootstraps_from_the_true_final_observation(env_id, tmp, monkeyp
     monkeypatch.setattr(ppo, "Agent", RecordingAgent)
     monkeypatch.setattr(ppo, "gae", recording_gae)
     monkeypatch.chdir(tmp)
-    args = ppo.Args(env=env_id, total_timesteps=12, num_envs=1, num_steps=12, minibatch_size=4,
-                    run_dir=str(tmp / "runs"), progress=False, eval_episodes=0, save_model=False)
+    args = ppo.Args(
+        env=env_id,
+        total_timesteps=12,
+        num_envs=1,
+        num_steps=12,
+        minibatch_size=4,
+        run_dir=str(tmp / "runs"),
+        progress=False,
+        eval_episodes=0,
+        save_model=False,
+    )
     assert ppo.main(args) == 0
     (V, V_next, terminated, ended, V5, V0) = seen[0]
     # steps t = 4 and t = 9 end an episode (the 5th step); step 5 starts the next one from [0]

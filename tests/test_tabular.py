@@ -2,11 +2,11 @@
 
 import gymnasium as gym
 import numpy as np
-import torch
 import pytest
+import torch
+from conftest import run_script, scalars, train
 
 from cleanrl_style import q_learning, sarsa
-from conftest import run_script, scalars, train
 
 
 def test_q_learning_update_by_hand():
@@ -77,8 +77,12 @@ def optimal_returns(env_id: str, seeds: list) -> list:
     P = env.unwrapped.P
     V = np.zeros(len(P))
     for _ in range(1000):
-        V_new = np.array([max(sum(p * (r + (0.0 if done else V[s2])) for p, s2, r, done in P[s][a]) for a in P[s])
-                          for s in range(len(P))])
+        V_new = np.array(
+            [
+                max(sum(p * (r + (0.0 if done else V[s2])) for p, s2, r, done in P[s][a]) for a in P[s])
+                for s in range(len(P))
+            ]
+        )
         if np.max(np.abs(V_new - V)) < 1e-9:
             break
         V = V_new
@@ -89,16 +93,45 @@ def optimal_returns(env_id: str, seeds: list) -> list:
 def test_taxi_reaches_the_optimal_return(script, flags, tmp):
     # epsilon decays from 1: with a constant 0.1 some of the 300 start states keep a rarely tried best action
     # underestimated; plain SARSA's sampled target needs epsilon -> 0 as well (the cliff test covers it)
-    run = train(script, tmp, "--env", "Taxi-v4", "--total-timesteps", "100000", "--eval-episodes", "20",
-                "--epsilon-start", "1.0", "--epsilon-end", "0.05", "--seed", "3", *flags)
+    run = train(
+        script,
+        tmp,
+        "--env",
+        "Taxi-v4",
+        "--total-timesteps",
+        "100000",
+        "--eval-episodes",
+        "20",
+        "--epsilon-start",
+        "1.0",
+        "--epsilon-end",
+        "0.05",
+        "--seed",
+        "3",
+        *flags,
+    )
     logged = scalars(run)["eval/episodic_return"][-1][1]
     assert logged == pytest.approx(np.mean(optimal_returns("Taxi-v4", [3 + k for k in range(20)])), abs=1e-6)
 
 
 def test_cliff_walking_classic_result(tmp):
     """Sutton & Barto Example 6.6: alpha 0.5, epsilon 0.1 constant, gamma 1, 500 episodes."""
-    flags = ["--alpha", "0.5", "--epsilon-start", "0.1", "--epsilon-end", "0.1", "--gamma", "1.0",
-             "--total-timesteps", "15000", "--eval-episodes", "1", "--seed", "1"]
+    flags = [
+        "--alpha",
+        "0.5",
+        "--epsilon-start",
+        "0.1",
+        "--epsilon-end",
+        "0.1",
+        "--gamma",
+        "1.0",
+        "--total-timesteps",
+        "15000",
+        "--eval-episodes",
+        "1",
+        "--seed",
+        "1",
+    ]
     q = scalars(train("q_learning", tmp, *flags))
     s = scalars(train("sarsa", tmp, *flags))
     assert q["eval/episodic_return"][-1][1] == -13.0  # the optimal path, along the cliff
@@ -122,6 +155,7 @@ def test_grid_world_picture(tmp):
     png = run / "greedy_policy.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(run), size_guidance={"images": 0})
     acc.Reload()
     assert "charts/greedy_policy" in acc.Tags()["images"]

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -31,7 +31,7 @@ class Args:
     """gymnasium environment id"""
     seed: int = 1
     """seed of SB3 and the environments"""
-    total_timesteps: Optional[int] = None
+    total_timesteps: int | None = None
     """environment steps (default: 100,000 discrete actions, 1,000,000 continuous)"""
     zoo: bool = False
     """rl-zoo3's tuned hyperparameters for CartPole-v1 PPO instead of SB3's defaults"""
@@ -46,8 +46,19 @@ class Args:
 
 
 # rl-zoo3 hyperparams/ppo.yml, CartPole-v1 (lin_ = linear decay to 0 over the run)
-ZOO = {("ppo", "CartPole-v1"): dict(n_envs=8, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20,
-                                    ent_coef=0.0, learning_rate=1e-3, clip_range=0.2)}
+ZOO = {
+    ("ppo", "CartPole-v1"): dict(
+        n_envs=8,
+        n_steps=32,
+        batch_size=256,
+        gae_lambda=0.8,
+        gamma=0.98,
+        n_epochs=20,
+        ent_coef=0.0,
+        learning_rate=1e-3,
+        clip_range=0.2,
+    )
+}
 LINEAR = ("learning_rate", "clip_range")
 
 
@@ -81,7 +92,11 @@ def main(args: Args) -> int:
                 hp[k] = (lambda v: lambda f: f * v)(hp[k])
     run = Path(args.run_dir) / f"{args.env}__sb3-{args.algo}__{args.seed}__{int(time.time())}"
     writer = SummaryWriter(str(run))
-    writer.add_text("hyperparameters", f"SB3 {args.algo}, {'rl-zoo3' if args.zoo else 'defaults'}: {ZOO.get((args.algo, args.env)) if args.zoo else {}}")
+    writer.add_text(
+        "hyperparameters",
+        f"SB3 {args.algo}, {'rl-zoo3' if args.zoo else 'defaults'}: "
+        f"{ZOO.get((args.algo, args.env)) if args.zoo else {}}",
+    )
 
     class Log(BaseCallback):
         def _on_step(self) -> bool:
@@ -99,8 +114,9 @@ def main(args: Args) -> int:
     if args.eval_episodes > 0:
         eval_env = gym.make(args.env)
         eval_env.reset(seed=args.seed)
-        returns, _ = evaluate_policy(model, eval_env, n_eval_episodes=args.eval_episodes, deterministic=True,
-                                     return_episode_rewards=True)
+        returns, _ = evaluate_policy(
+            model, eval_env, n_eval_episodes=args.eval_episodes, deterministic=True, return_episode_rewards=True
+        )
         writer.add_scalar("eval/episodic_return", float(np.mean(returns)), model.num_timesteps)
     writer.close()
     print(f"sb3-{args.algo} {args.env} seed {args.seed}: {model.num_timesteps} steps, run in {run}")
