@@ -9,9 +9,6 @@ with the numbers, the command, the date and the machine.
 """
 
 import argparse
-import datetime
-import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.events import load_scalars  # noqa: E402
+from benchmarks.machine import stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = [
@@ -139,7 +137,6 @@ def main() -> None:
         for name, c in curves.items():
             for seed, returns in zip(args.seeds, c):
                 f.writelines(f"{name},{seed},{i},{r:g}\n" for i, r in enumerate(returns))
-    machine = f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
     rows = [
         "| method | mean return per episode, episodes 401–500 (mean ± std over seeds) | greedy return (each seed) |",
         "|---|---|---|",
@@ -152,7 +149,7 @@ def main() -> None:
     (args.out / "README.md").write_text(
         "# Cliff walking (Sutton & Barto, Example 6.6)\n\n"
         f"Command: `python -m benchmarks.cliff --seeds {' '.join(map(str, args.seeds))}`  \n"
-        f"Date: {datetime.date.today()}; machine: {machine}  \n"
+        f"{stamp()}  \n"
         f"Flags of every run: `{' '.join(FLAGS)}` (plus `--expected` for Expected SARSA)\n\n"
         + "\n".join(rows)
         + "\n\nThe book reports about −25 per episode for SARSA and about −50 for Q-learning: Q-learning learns the "

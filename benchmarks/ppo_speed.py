@@ -11,9 +11,7 @@ markdown table; --out also writes it (with the command, the date and the machine
 """
 
 import argparse
-import datetime
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.events import first_crossing, load_scalars, newest_run
+from benchmarks.machine import stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,11 +169,9 @@ def main() -> None:
     table = cartpole(args) if args.what == "cartpole" else sps(args)
     print(table)
     if args.out:
-        machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python {platform.python_version()}"
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
-            f"Command: `python -m benchmarks.ppo_speed {' '.join(sys.argv[1:])}`\n\n"
-            f"Date: {datetime.date.today()}; machine: {machine}\n\n{table}\n"
+            f"Command: `python -m benchmarks.ppo_speed {' '.join(sys.argv[1:])}`\n\n{stamp()}\n\n{table}\n"
         )
 
 

@@ -7,10 +7,7 @@ the mean of the last 100 training episodes and of the final deterministic evalua
 and seconds until the 20-episode mean first reaches the suite's threshold, and the steps per second.
 """
 
-import datetime
 import json
-import os
-import platform
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.events import first_crossing, load_scalars  # noqa: E402
+from benchmarks.machine import stamp
 from benchmarks.stats import bootstrap_band, bootstrap_ci, iqm  # noqa: E402
 
 WINDOW = 20  # episodes in the running mean of a curve, and by default in the threshold test
@@ -127,9 +125,8 @@ def report(out: Path, command: str = "") -> Path:
     lines = [f"# Benchmark report: {suite.get('name', out.name)}", ""]
     if command:
         lines.append(f"Command: `{command}`  ")
-    machine = f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
     lines += [
-        f"Date: {datetime.date.today()}; machine: {machine}",
+        f"{stamp()}",
         "",
         f"Final return: IQM over seeds of the mean of the last {FINAL} training episodes; eval: IQM of the "
         "deterministic evaluation at the end; brackets: 95% bootstrap CI over seeds. Steps and seconds to the "
