@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FLAGS = [
     "--alpha",
     "0.5",
+    "--alpha-end",
+    "0.5",
     "--epsilon-start",
     "0.1",
     "--epsilon-end",

@@ -9,7 +9,6 @@ frozen, and prints the mean and standard deviation of the episode returns.
 """
 
 import importlib.util
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,23 +48,31 @@ def load_script(algorithm: str):
 
 
 def main(args: Args) -> int:
+    if args.episodes < 1:
+        return fail("--episodes must be at least 1")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        return fail(f"--seed must lie in [0, 2^32 - 1], got {args.seed}")
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        return fail(f"--device {args.device}: use cpu, or cuda where CUDA is available")
     try:
         ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or "algorithm" not in ckpt:
-            raise ValueError("not a checkpoint of this project")
+        if not isinstance(ckpt, dict) or not {"algorithm", "env_id", "args", "global_step"} <= ckpt.keys():
+            raise ValueError("a file without the keys of a checkpoint")
         script = load_script(ckpt["algorithm"])
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        print(f"error: cannot evaluate '{args.checkpoint}': {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    if args.episodes < 1:
-        print("error: --episodes must be at least 1", file=sys.stderr)
-        return 2
-    os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering for the video
-    if "DISPLAY" not in os.environ:
-        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame (classic control) without a screen
+    except OSError as e:  # missing, unreadable
+        return fail(f"cannot evaluate '{args.checkpoint}': {e}")
+    except Exception as e:  # empty, truncated, text or random bytes, another project's file
+        return fail(f"'{args.checkpoint}' is not a checkpoint written by these scripts ({type(e).__name__})")
+    script.headless_rendering()
     seed = ckpt["args"]["seed"] if args.seed is None else args.seed
     video_folder = str(Path(args.video_dir) / f"eval_{Path(args.checkpoint).resolve().parent.name}")
-    returns = script.evaluate(ckpt, args.episodes, seed, args.capture_video, video_folder, args.device)
+    try:
+        returns = script.evaluate(ckpt, args.episodes, seed, args.capture_video, video_folder, args.device)
+    except script.UsageError as e:  # the checkpoint's env is not registered here, or cannot be made
+        return fail(str(e))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     print(
         f"{ckpt['algorithm']} on {ckpt['env_id']} at step {ckpt['global_step']}: "
         f"return {np.mean(returns):.3f} ± {np.std(returns):.3f} over {len(returns)} episodes"
@@ -73,6 +80,11 @@ def main(args: Args) -> int:
     if args.capture_video:
         print(f"video: {video_folder}")
     return 0
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

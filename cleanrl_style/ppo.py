@@ -22,6 +22,8 @@ Run:
     python cleanrl_style/ppo.py --env HalfCheetah-v5
 """
 
+import collections
+import copy
 import dataclasses
 import json
 import math
@@ -42,9 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 ALGORITHM = "ppo"
-CHECKPOINT_FORMAT = 1
 
 
 @dataclass
@@ -153,29 +155,9 @@ CONTINUOUS_DEFAULTS = dict(
 )
 
 
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr with exit status 2, before anything is written."""
-
-
-class NonFiniteLoss(Exception):
-    """A loss became NaN or inf."""
-
-
 # ----------------------------------------------------------------------------------------------
 # Environment
 # ----------------------------------------------------------------------------------------------
-
-
-def env_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
-    """Observation and action space of `env_id`, or a UsageError if the id is unknown."""
-    try:
-        gym.spec(env_id)
-    except gym.error.Error as e:
-        raise UsageError(f"unknown environment id '{env_id}' ({type(e).__name__})") from None
-    env = gym.make(env_id)
-    spaces = env.observation_space, env.action_space
-    env.close()
-    return spaces
 
 
 def make_env(env_id: str, idx: int, capture_video: bool, video_folder: str):
@@ -399,12 +381,13 @@ def explained_variance(V: np.ndarray, G: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Arguments, checkpoint, evaluation
+# Arguments and evaluation
 # ----------------------------------------------------------------------------------------------
 
 
 def resolve_args(args: Args, discrete: bool) -> Args:
     """Fill the defaults that depend on the action space, then check that the values fit."""
+    check_common_args(args)
     defaults = DISCRETE_DEFAULTS if discrete else CONTINUOUS_DEFAULTS
     args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
     batch_size = args.num_envs * args.num_steps
@@ -427,30 +410,11 @@ def resolve_args(args: Args, discrete: bool) -> Args:
         (args.target_kl is None or args.target_kl > 0, "--target-kl must be positive"),
         (args.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
         (args.threads >= 1 and args.hidden_size >= 1, "--threads and --hidden-size must be at least 1"),
-        (args.eval_episodes >= 0 and args.checkpoint_every >= 0, "--eval-episodes and --checkpoint-every must be >= 0"),
-        (args.device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but CUDA is not available"),
     ]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
     return args
-
-
-def load_checkpoint(path: str) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise UsageError(f"cannot load checkpoint '{path}': {str(e).splitlines()[0]}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("algorithm") != ALGORITHM:
-        raise UsageError(f"'{path}' is not a {ALGORITHM} checkpoint")
-    return ckpt
-
-
-def save_checkpoint(path: Path, ckpt: dict) -> None:
-    """Write atomically: a crash mid-write never leaves a half-written checkpoint behind."""
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
 
 
 def build_agent(ckpt: dict, device: str = "cpu") -> tuple[Agent, RunningMeanStd | None, gym.Env]:
@@ -505,106 +469,51 @@ def evaluate(
     return np.array(returns)
 
 
-class Progress:
-    """A one-line progress bar on stderr: steps, steps per second, mean of the recent returns."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.last = total, enabled and sys.stderr.isatty(), 0.0
-
-    def update(self, step: int, sps: float, recent: list) -> None:
-        now = time.time()
-        if not self.enabled or now - self.last < 0.2:
-            return
-        self.last = now
-        done = int(30 * step / self.total)
-        ret = f"{np.mean(recent):9.1f}" if recent else "      n/a"
-        sys.stderr.write(
-            f"\r[{'#' * done}{'.' * (30 - done)}] {step:>10,}/{self.total:,} steps | {sps:7,.0f} SPS | return {ret}"
-        )
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            self.enabled = False
-
-
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
 
 
-def main(args: Args) -> int:
-    """Train; return the process exit status (0 done, 1 stopped by a non-finite loss, 130 interrupted)."""
+def main(args: Args, stop: "StopSignal | None" = None) -> int:
+    """Train; return the process exit status (0 done, 1 stopped by a fault, 130 interrupted)."""
     t_start = time.time()
-    ckpt = None
-    if args.resume is not None:
-        ckpt = load_checkpoint(args.resume)
-        resumed = Args(**{**ckpt["args"], "resume": args.resume, "progress": args.progress, "device": args.device})
-        if args.total_timesteps is not None:
-            resumed.total_timesteps = args.total_timesteps
-        args = resumed
+    stop = stop or StopSignal(install=False)
+    given = {k for k in DISCRETE_DEFAULTS if getattr(args, k) is not None}
+    args, ckpt = resume_args(args)
     obs_space, act_space = env_spaces(args.env)
     if not isinstance(obs_space, gym.spaces.Box) or not isinstance(act_space, (gym.spaces.Discrete, gym.spaces.Box)):
         raise UsageError(
             f"ppo needs Box observations and Discrete or Box actions; {args.env} has {obs_space} and {act_space}"
         )
     discrete = isinstance(act_space, gym.spaces.Discrete)
-    given = {k for k in DISCRETE_DEFAULTS if getattr(args, k) is not None}
     args = resolve_args(args, discrete)
-    device = torch.device(
-        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
+    device = torch.device(pick_device(args.device))
     kind = "discrete" if discrete else "continuous"
+    mark = " (saved)" if ckpt is not None else " (flag)"
     print(
-        f"ppo on {args.env} ({kind} actions {act_space}); {kind} defaults, flags given override: "
-        + ", ".join(f"{k}={getattr(args, k)}{'' if k not in given else ' (flag)'}" for k in DISCRETE_DEFAULTS)
+        f"ppo on {args.env} ({kind} actions {act_space}); {kind} defaults, overridden where marked: "
+        + ", ".join(f"{k}={getattr(args, k)}{mark if k in given or ckpt else ''}" for k in DISCRETE_DEFAULTS)
         + f"; loss={args.loss}, device={device}"
     )
-
-    # ---- seeding and run directory (nothing is written before this point) ----
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering for the videos
-    if "DISPLAY" not in os.environ:
-        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame (classic control) without a screen
-
-    if ckpt is not None:
-        run_path = Path(args.resume).parent
-        run_name = run_path.name
-    else:
-        run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(t_start)}"
-        run_path = Path(args.run_dir) / run_name
-    run_path.mkdir(parents=True, exist_ok=True)
-    (run_path / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    writer = SummaryWriter(str(run_path))
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()),
-    )
-    video_folder = str(Path(args.video_dir) / run_name)
-
-    # ---- environments: N copies, autoreset in the same step so the true final observation is kept ----
-    envs = gym.vector.SyncVectorEnv(
-        [make_env(args.env, i, args.capture_video, f"{video_folder}/train") for i in range(args.num_envs)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-    )
-    envs.action_space.seed(args.seed)
-    obs_dim = int(np.prod(envs.single_observation_space.shape))
-    act_dim = int(act_space.n) if discrete else int(np.prod(act_space.shape))
     N, T = args.num_envs, args.num_steps
     batch_size = N * T
     num_iterations = args.total_timesteps // batch_size
+    if num_iterations * batch_size != args.total_timesteps:
+        print(f"note: training {num_iterations * batch_size} steps, whole rollouts of N*T = {batch_size} steps")
+    seed_everything(args.seed, args.torch_deterministic)
+    torch.set_num_threads(args.threads)
+    headless_rendering()
 
-    agent = Agent(obs_dim, act_dim, discrete, args.hidden_size).to(device)
+    obs_dim = int(np.prod(obs_space.shape))
+    act_dim = int(act_space.n) if discrete else int(np.prod(act_space.shape))
+    try:
+        agent = Agent(obs_dim, act_dim, discrete, args.hidden_size).to(device)
+    except RuntimeError as e:  # out of memory for the networks asked for
+        raise UsageError(f"cannot build the networks (--hidden-size {args.hidden_size}): {first_line(e)}") from None
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     obs_rms = RunningMeanStd(obs_dim) if args.norm_obs else None
     ret_rms = RunningMeanStd(()) if args.norm_reward else None
-    beta = args.beta
-    global_step, iteration = 0, 0
+    beta, global_step, iteration = args.beta, 0, 0
     if ckpt is not None:
         agent.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -614,28 +523,26 @@ def main(args: Args) -> int:
             ret_rms.load_state_dict(ckpt["ret_rms"])
         beta, global_step, iteration = ckpt["beta"], ckpt["global_step"], ckpt["iteration"]
         print(f"resumed {args.resume} at global step {global_step}")
-    ckpt_path = run_path / f"{args.exp_name}.pt"
 
     def checkpoint() -> dict:
-        return {
-            "format_version": CHECKPOINT_FORMAT,
-            "algorithm": ALGORITHM,
-            "env_id": args.env,
-            "args": dataclasses.asdict(args),
-            "global_step": global_step,
-            "iteration": iteration,
-            "model": agent.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "beta": beta,
-            "obs_rms": obs_rms.state_dict() if obs_rms else None,
-            "ret_rms": ret_rms.state_dict() if ret_rms else None,
-        }
+        """The whole state of the run, copied (so that it stays the state of this moment)."""
+        return copy.deepcopy({
+            "format_version": CHECKPOINT_FORMAT, "algorithm": ALGORITHM, "env_id": args.env,
+            "args": dataclasses.asdict(args), "global_step": global_step, "iteration": iteration,
+            "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "beta": beta,
+            "obs_rms": obs_rms.state_dict() if obs_rms else None, "ret_rms": ret_rms.state_dict() if ret_rms else None,
+        })  # fmt: skip
 
-    # Ctrl-C: finish the current iteration, then checkpoint and stop.
-    interrupted = []
-    previous_handler = None
-    if threading.current_thread() is threading.main_thread():
-        previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    # ---- run directory (nothing is written before this point) and environments ----
+    run_path, writer = start_run(args, ckpt, t_start)
+    ckpt_path = run_path / f"{args.exp_name}.pt"
+    # N copies that autoreset in the same step, so that the true final observation of an episode is at hand
+    video_folder = str(Path(args.video_dir) / run_path.name / "train")
+    envs = gym.vector.SyncVectorEnv(
+        [make_env(args.env, i, args.capture_video, video_folder) for i in range(N)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+    envs.action_space.seed(args.seed)
 
     # ---- rollout storage, shape (T, N, ...) ----
     obs = np.zeros((T, N, obs_dim), np.float32)
@@ -653,16 +560,10 @@ def main(args: Args) -> int:
         obs_rms.update(next_obs)
     discounted = np.zeros(N)  # running discounted return, for the reward scale
     ep_return, ep_length = np.zeros(N), np.zeros(N, np.int64)
-    recent_returns: list = []
-    progress = Progress(args.total_timesteps, args.progress)
-    sps_step, sps_time = global_step, time.time()
-    next_checkpoint = (
-        (global_step // args.checkpoint_every + 1) * args.checkpoint_every if args.checkpoint_every else None
-    )
-    status = 0
-
+    monitor = Monitor(writer, args, global_step)
+    last_good, status = checkpoint(), 0
     try:
-        while iteration < num_iterations and not interrupted:
+        while iteration < num_iterations and not stop.requested.is_set():
             iteration += 1
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1) / num_iterations) * args.learning_rate
@@ -697,9 +598,7 @@ def main(args: Args) -> int:
                     with torch.inference_mode():
                         V_final[t, idx] = agent.value(torch.as_tensor(s_final, device=device)).cpu().numpy()
                 for i in np.nonzero(done)[0]:
-                    writer.add_scalar("charts/episodic_return", ep_return[i], global_step)
-                    writer.add_scalar("charts/episodic_length", ep_length[i], global_step)
-                    recent_returns = (recent_returns + [float(ep_return[i])])[-20:]
+                    monitor.episode(ep_return[i], ep_length[i], global_step)
                     ep_return[i], ep_length[i] = 0.0, 0
             with torch.inference_mode():
                 V_last = agent.value(torch.as_tensor(normalize_obs(next_obs, obs_rms), device=device)).cpu().numpy()
@@ -723,7 +622,7 @@ def main(args: Args) -> int:
 
             # ---- update: epochs over shuffled mini-batches ----
             diagnostics = []  # per mini-batch: k1, k3, clip fraction
-            steps_done, stop = 0, False
+            steps_done, early_stop = 0, False
             for _epoch in range(args.update_epochs):
                 perm = torch.randperm(batch_size, device=device)
                 for start in range(0, batch_size, args.minibatch_size):
@@ -733,16 +632,13 @@ def main(args: Args) -> int:
                     rho = log_rho.exp()
                     with torch.no_grad():
                         diagnostics.append(
-                            torch.stack(
-                                [
-                                    kl_k1(log_rho).mean(),
-                                    kl_k3(log_rho).mean(),
-                                    ((rho - 1.0).abs() > args.clip_eps).float().mean(),
-                                ]
-                            )
-                        )
+                            torch.stack([
+                                kl_k1(log_rho).mean(), kl_k3(log_rho).mean(),
+                                ((rho - 1.0).abs() > args.clip_eps).float().mean(),
+                            ])
+                        )  # fmt: skip
                     if args.target_kl is not None and diagnostics[-1][1].item() > args.target_kl:
-                        stop = True
+                        early_stop = True
                         break
                     A_mb = b_A[mb]
                     if args.loss == "clip":
@@ -760,18 +656,19 @@ def main(args: Args) -> int:
                     if args.ent_coef != 0:  # the bonus -c2 H (left out of the graph, not multiplied by 0, when c2 = 0)
                         loss = loss - args.ent_coef * agent.entropy(head).mean()
                     if not torch.isfinite(loss):
-                        raise NonFiniteLoss(
-                            f"non-finite loss at global step {global_step} "
-                            f"(policy {pg_loss.item()}, value {v_loss.item()})"
-                        )
+                        losses = f"policy {pg_loss.item()}, value {v_loss.item()}"
+                        raise RunFault(f"non-finite loss at global step {global_step} ({losses})")
                     optimizer.zero_grad()
                     loss.backward()
                     if args.max_grad_norm > 0:
                         nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                     optimizer.step()
                     steps_done += 1
-                if stop:
+                if early_stop:
                     break
+            # a finite loss can still take a step to inf or NaN parameters (a huge learning rate)
+            if not all(torch.isfinite(p).all() for p in agent.parameters()):
+                raise RunFault(f"non-finite parameters after the update at global step {global_step}")
 
             # ---- after the update: exact KL and entropy over the whole batch, the beta rule, diagnostics ----
             with torch.no_grad():
@@ -780,61 +677,302 @@ def main(args: Args) -> int:
                 entropy = agent.entropy(b_head).mean()
             if args.loss == "kl":
                 beta = adapt_beta(beta, d, args.kl_target)
-            now = time.time()
-            sps = (global_step - sps_step) / max(now - sps_time, 1e-9)
-            writer.add_scalar("charts/SPS", sps, global_step)
-            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            writer.add_scalar("charts/beta", beta, global_step)
-            writer.add_scalar("charts/update_minibatches", steps_done, global_step)
-            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
-            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-            writer.add_scalar("losses/entropy", entropy.item(), global_step)
             k1, k3, clipfrac = torch.stack(diagnostics).mean(0).tolist()
-            writer.add_scalar("losses/approx_kl", k3, global_step)
-            writer.add_scalar("losses/kl_k1", k1, global_step)
-            writer.add_scalar("losses/kl_k3", k3, global_step)
-            writer.add_scalar("losses/kl_exact", d, global_step)
-            writer.add_scalar("losses/clipfrac", clipfrac, global_step)
-            writer.add_scalar("losses/explained_variance", explained_variance(values.ravel(), G.ravel()), global_step)
-            progress.update(global_step, sps, recent_returns)
-            if args.save_model and next_checkpoint is not None and global_step >= next_checkpoint:
+            for tag, value in [
+                ("charts/learning_rate", optimizer.param_groups[0]["lr"]), ("charts/beta", beta),
+                ("charts/update_minibatches", steps_done), ("losses/policy_loss", pg_loss.item()),
+                ("losses/value_loss", v_loss.item()), ("losses/entropy", entropy.item()),
+                ("losses/approx_kl", k3), ("losses/kl_k1", k1), ("losses/kl_k3", k3), ("losses/kl_exact", d),
+                ("losses/clipfrac", clipfrac),
+                ("losses/explained_variance", explained_variance(values.ravel(), G.ravel())),
+            ]:  # fmt: skip
+                writer.add_scalar(tag, value, global_step)
+            monitor.update(global_step)
+            if checkpoint_due(args, global_step, last_good["global_step"]):
                 save_checkpoint(ckpt_path, checkpoint())
-                next_checkpoint += args.checkpoint_every
-    except NonFiniteLoss as e:
-        progress.close()
-        print(f"error: {e}; stopping with the last good state", file=sys.stderr)
-        status = 1
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
-    progress.close()
-    envs.close()
-
-    if args.save_model:
-        save_checkpoint(ckpt_path, checkpoint())
-        print(f"checkpoint: {ckpt_path}")
-    if interrupted:
-        print(f"interrupted at global step {global_step}; resume with --resume {ckpt_path}", file=sys.stderr)
-        status = 130
-    if status == 0 and args.eval_episodes > 0:
-        returns = evaluate(
-            checkpoint(), args.eval_episodes, args.seed, args.capture_video, f"{video_folder}/eval", str(device)
+            last_good = checkpoint()
+    except RunFault as e:
+        monitor.close()
+        print(
+            f"error: {e}; stopping with the last good state (global step {last_good['global_step']})", file=sys.stderr
         )
-        writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
-        writer.add_scalar("eval/episodic_return_std", returns.std(), global_step)
-        print(f"eval: {returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
+        status = 1
+    monitor.close()
+    envs.close()
+    status = end_run(args, last_good, ckpt_path, writer, status, stop)
     writer.close()
-    print(f"done in {time.time() - t_start:.1f} s: {global_step} steps, run in {run_path}")
+    print(f"done in {time.time() - t_start:.1f} s: {last_good['global_step']} steps, run in {run_path}")
+    return status
+
+
+# ----------------------------------------------------------------------------------------------
+# Plumbing: the same in every script of cleanrl_style/, byte for byte (tests/test_plumbing.py).
+# Copy it from ppo.py into a new script; never edit one copy alone.
+# ----------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = 1
+RECENT_EPISODES = 20  # the progress bar shows the mean return of this many recent training episodes
+# Flags a resumed run takes from the command line, and flags it may change (a longer run, another evaluation);
+# every other flag must agree with the checkpoint's saved value.
+RESUME_FROM_COMMAND_LINE = ("resume", "device", "progress", "threads")
+RESUME_MAY_CHANGE = ("total_timesteps", "eval_episodes", "capture_video", "video_dir", "save_model", "checkpoint_every")
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit status 2, before anything is written."""
+
+
+class RunFault(Exception):
+    """A fault during training (a non-finite loss or parameter, a checkpoint that cannot be written): reported
+    as one line on stderr with exit status 1; the last good state is what the checkpoint keeps."""
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def env_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
+    """Observation and action space of `env_id`, or a UsageError if it is unknown or cannot be made."""
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as e:
+        raise UsageError(f"unknown environment id '{env_id}' ({type(e).__name__})") from None
+    try:
+        env = gym.make(env_id)
+    except Exception as e:  # registered, but a dependency is missing (Box2D for LunarLander) or it fails to build
+        raise UsageError(f"cannot make '{env_id}': {first_line(e)}") from None
+    spaces = env.observation_space, env.action_space
+    env.close()
+    return spaces
+
+
+def writable_dir(path: str) -> bool:
+    """True if `path` is a directory this process can write in, or one it can create."""
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
+
+
+def check_common_args(args) -> None:
+    """The flags every script has: a seed numpy accepts, a name that is not a path, directories that can be written."""
+    checks = [
+        (0 <= args.seed < 2**32, f"--seed must lie in [0, 2^32 - 1], got {args.seed}"),
+        (
+            args.exp_name not in ("", ".", "..") and not set("/\\").intersection(args.exp_name),
+            f"--exp-name must be a plain name without a path separator, got '{args.exp_name}'",
+        ),
+        (args.eval_episodes >= 0, "--eval-episodes must be >= 0"),
+        (args.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
+        (args.device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but CUDA is not available"),
+        (
+            args.resume is not None or writable_dir(args.run_dir),
+            f"--run-dir '{args.run_dir}' is not a writable directory",
+        ),
+        (not args.capture_video or writable_dir(args.video_dir), f"--video-dir '{args.video_dir}' is not writable"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:  # missing, unreadable
+        raise UsageError(f"cannot load checkpoint '{path}': {first_line(e)}") from None
+    except Exception as e:  # empty, truncated, text or random bytes, or more than tensors and plain data
+        raise UsageError(f"'{path}' is not a checkpoint written by these scripts ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("algorithm") != ALGORITHM or not isinstance(ckpt.get("args"), dict):
+        raise UsageError(f"'{path}' is not a {ALGORITHM} checkpoint")
+    return ckpt
+
+
+def save_checkpoint(path: Path, ckpt: dict) -> None:
+    """Write atomically: a crash mid-write never leaves a half-written checkpoint behind, and a failed write (a full
+    disk) leaves the previous checkpoint as it was and no temporary file."""
+    tmp = path.with_suffix(".pt.tmp")
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        raise RunFault(f"cannot write checkpoint '{path}': {first_line(e)}") from None
+
+
+def resume_args(args):
+    """--resume PATH: (the checkpoint's args, the checkpoint); otherwise (args, None). The resumed run keeps its
+    hyperparameters: a flag given with a value that contradicts the checkpoint is refused (a flag left at its
+    default cannot be told from an absent one and is taken from the checkpoint)."""
+    if args.resume is None:
+        return args, None
+    ckpt = load_checkpoint(args.resume)
+    default = type(args)()
+    saved = {f.name: ckpt["args"].get(f.name, getattr(default, f.name)) for f in dataclasses.fields(args)}
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    given = {k: v for k, v in dataclasses.asdict(args).items() if v != getattr(default, k)}
+    conflicts = [
+        f"--{k.replace('_', '-')} {v} (saved: {saved[k]})"
+        for k, v in given.items()
+        if k not in RESUME_FROM_COMMAND_LINE + RESUME_MAY_CHANGE and v != saved[k]
+    ]
+    if conflicts:
+        raise UsageError(
+            "a resumed run keeps its saved hyperparameters; drop "
+            + ", ".join(conflicts)
+            + f" (with --resume, only --{', --'.join(k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may change)"
+        )
+    kept = {k: getattr(args, k) for k in RESUME_FROM_COMMAND_LINE if k in saved}
+    changed = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
+    return dataclasses.replace(default, **{**saved, **kept, **changed}), ckpt
+
+
+def pick_device(device: str) -> str:
+    """auto: cuda when available, else cpu."""
+    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def seed_everything(seed: int, torch_deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+
+
+def headless_rendering() -> None:
+    """Render without a screen, unless the user chose otherwise: MuJoCo through EGL, pygame (classic control)
+    through SDL's dummy video driver."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    if "DISPLAY" not in os.environ:
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+
+
+def start_run(args, ckpt: dict | None, t_start: float) -> tuple[Path, SummaryWriter]:
+    """The run directory runs/{env}__{exp_name}__{seed}__{unix_time} (never shared: a second run started in the same
+    second gets a suffix -2, -3, ...), or the resumed run's own; args.json; the TensorBoard writer, which on resume
+    purges the events logged past the checkpoint's step (by a run killed after its last checkpoint)."""
+    try:
+        if ckpt is not None:
+            run_path = Path(args.resume).parent
+        else:
+            name = f"{args.env.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(t_start)}"
+            Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+            run_path, k = Path(args.run_dir) / name, 1
+            while True:
+                try:
+                    run_path.mkdir()
+                    break
+                except FileExistsError:
+                    k += 1
+                    run_path = Path(args.run_dir) / f"{name}-{k}"
+        (run_path / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        writer = SummaryWriter(str(run_path), purge_step=ckpt["global_step"] + 1 if ckpt is not None else None)
+    except OSError as e:
+        raise UsageError(f"cannot write the run directory under '{args.run_dir}': {first_line(e)}") from None
+    table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    return run_path, writer
+
+
+class StopSignal:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) ask the training loop to stop at the end of the
+    current update, which checkpoints and exits 130. Once `immediate` is set (the final evaluation), they interrupt
+    at once with KeyboardInterrupt. Installed only in the main thread; `restore` puts the old handlers back."""
+
+    def __init__(self, install: bool = True):
+        self.requested = threading.Event()
+        self.immediate = False
+        self.previous = {}
+        if install and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        self.requested.set()
+        if self.immediate:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+class Monitor:
+    """Finished training episodes to TensorBoard (charts/episodic_return and charts/episodic_length at their global
+    step), charts/SPS, and a tqdm progress bar (steps, steps per second, mean return of the last RECENT_EPISODES
+    episodes), shown only with --progress on a terminal."""
+
+    def __init__(self, writer: SummaryWriter, args, global_step: int):
+        self.writer, self.recent = writer, collections.deque(maxlen=RECENT_EPISODES)
+        self.start_step, self.start_time = global_step, time.time()
+        enabled = args.progress and sys.stderr.isatty()
+        self.bar = tqdm(total=args.total_timesteps, initial=global_step, unit="step", disable=not enabled)
+
+    def episode(self, G: float, length: int, global_step: int) -> None:
+        self.writer.add_scalar("charts/episodic_return", G, global_step)
+        self.writer.add_scalar("charts/episodic_length", length, global_step)
+        self.recent.append(float(G))
+
+    def update(self, global_step: int) -> None:
+        """Log charts/SPS (steps per second since this process started training) and move the bar."""
+        sps = (global_step - self.start_step) / max(time.time() - self.start_time, 1e-9)
+        self.writer.add_scalar("charts/SPS", sps, global_step)
+        if self.recent:
+            self.bar.set_postfix_str(f"return {np.mean(self.recent):.1f}", refresh=False)
+        self.bar.update(global_step - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def checkpoint_due(args, global_step: int, saved_step: int) -> bool:
+    """A periodic checkpoint is due when the run crossed a multiple of --checkpoint-every since `saved_step`."""
+    every = args.checkpoint_every
+    return args.save_model and every > 0 and global_step // every > saved_step // every
+
+
+def end_run(args, ckpt: dict, ckpt_path: Path, writer: SummaryWriter, status: int, stop: StopSignal) -> int:
+    """The ending of every run: write the checkpoint `ckpt` (the last good state); if training was not stopped,
+    evaluate the deterministic policy (eval/episodic_return). Returns the exit status: 0, 1 (a fault), 130."""
+    if args.save_model:
+        try:
+            save_checkpoint(ckpt_path, ckpt)
+            print(f"checkpoint: {ckpt_path} (global step {ckpt['global_step']})")
+        except RunFault as e:
+            print(f"error: {e}", file=sys.stderr)
+            status = 1
+    if stop.requested.is_set():
+        resume = f"; resume with --resume {ckpt_path}" if args.save_model else ""
+        print(f"interrupted at global step {ckpt['global_step']}{resume}", file=sys.stderr)
+        return 130
+    if status == 0 and args.eval_episodes > 0:
+        stop.immediate = True
+        try:
+            video_folder = str(Path(args.video_dir) / ckpt_path.parent.name / "eval")
+            device = pick_device(args.device)
+            returns = evaluate(ckpt, args.eval_episodes, args.seed, args.capture_video, video_folder, device)
+        except KeyboardInterrupt:
+            print("interrupted during the final evaluation (the checkpoint is written)", file=sys.stderr)
+            return 130
+        writer.add_scalar("eval/episodic_return", returns.mean(), ckpt["global_step"])
+        writer.add_scalar("eval/episodic_return_std", returns.std(), ckpt["global_step"])
+        print(f"eval: {returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
     return status
 
 
 def cli() -> int:
+    """The command line: parse the flags, train, and turn bad input into one line on stderr with exit status 2."""
     args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
+    stop = StopSignal()
     try:
-        return main(args)
+        return main(args, stop)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        stop.restore()
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ Run:
     python cleanrl_style/q_learning.py --env Taxi-v4
 """
 
+import collections
 import dataclasses
 import json
+import math
 import os
 import random
 import signal
@@ -39,12 +41,12 @@ import numpy as np
 import torch
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ALGORITHM = "q_learning"
-CHECKPOINT_FORMAT = 1
 
 
 @dataclass
@@ -56,7 +58,9 @@ class Args:
     total_timesteps: int | None = None
     """environment steps to train for (default: 100,000 discrete observations, 500,000 Box)"""
     alpha: float | None = None
-    """alpha, step size of the update (default: 0.5 discrete observations, 0.1 Box)"""
+    """alpha, step size of the update at the start (default: 0.5 discrete observations, 0.1 Box)"""
+    alpha_end: float | None = None
+    """alpha at the end of the run, reached linearly from --alpha (default: --alpha, a constant step size)"""
     gamma: float = 0.99
     """gamma, discount factor in [0, 1]"""
     epsilon_start: float | None = None
@@ -106,29 +110,9 @@ UNBOUNDED_LIMIT = 5.0  # bound used for a Box dimension that is infinite and not
 EVAL_STEP_LIMIT = 1_000  # evaluation step cap for envs without a time limit (a greedy policy may loop)
 
 
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr with exit status 2, before anything is written."""
-
-
-class NonFiniteLoss(Exception):
-    """A TD target became NaN or inf."""
-
-
 # ----------------------------------------------------------------------------------------------
 # Environment and discretisation
 # ----------------------------------------------------------------------------------------------
-
-
-def env_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
-    """Observation and action space of `env_id`, or a UsageError if the id is unknown."""
-    try:
-        gym.spec(env_id)
-    except gym.error.Error as e:
-        raise UsageError(f"unknown environment id '{env_id}' ({type(e).__name__})") from None
-    env = gym.make(env_id)
-    spaces = env.observation_space, env.action_space
-    env.close()
-    return spaces
 
 
 class Discretizer:
@@ -180,8 +164,9 @@ def make_discretizer(args: "Args", obs_space: gym.Space) -> Discretizer:
         raise UsageError(f"--bins, --obs-low and --obs-high need 1 or {dim} values for {args.env}")
     if min(bins) < 1 or any(h <= l for l, h in zip(low, high)):
         raise UsageError("--bins must be >= 1 and --obs-high above --obs-low in every dimension")
-    if np.prod(bins) > 10_000_000:
-        raise UsageError(f"{np.prod(bins):,} states: too many for a table; use fewer --bins")
+    n_states = math.prod(int(b) for b in bins)  # Python integers: 6^64 does not wrap around as int64 would
+    if n_states > 10_000_000:
+        raise UsageError(f"{n_states:,} states: too many for a table; use fewer --bins")
     return Discretizer(bins=bins, low=low, high=high)
 
 
@@ -199,7 +184,7 @@ def make_env(env_id: str, capture_video: bool, video_folder: str, name_prefix: s
 # ----------------------------------------------------------------------------------------------
 
 
-def epsilon_schedule(step: int, total: int, start: float, end: float, decay_fraction: float) -> float:
+def linear_schedule(step: int, total: int, start: float, end: float, decay_fraction: float) -> float:
     """Linear decay from start to end over the first decay_fraction of the run, then constant."""
     duration = decay_fraction * total
     if duration <= 0:
@@ -277,37 +262,23 @@ def policy_figure(Q: np.ndarray, env_id: str, shape: tuple[int, int], title: str
 
 
 def resolve_args(args: Args, discrete_obs: bool) -> Args:
+    check_common_args(args)
     defaults = DISCRETE_OBS_DEFAULTS if discrete_obs else BOX_OBS_DEFAULTS
     args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
+    if args.alpha_end is None:
+        args = dataclasses.replace(args, alpha_end=args.alpha)
     checks = [
         (0.0 <= args.gamma <= 1.0, f"--gamma must lie in [0, 1], got {args.gamma}"),
         (0.0 < args.alpha <= 1.0, f"--alpha must lie in (0, 1], got {args.alpha}"),
+        (0.0 < args.alpha_end <= 1.0, f"--alpha-end must lie in (0, 1], got {args.alpha_end}"),
         (0.0 <= args.epsilon_start <= 1.0 and 0.0 <= args.epsilon_end <= 1.0, "epsilon must lie in [0, 1]"),
         (0.0 <= args.epsilon_decay_fraction <= 1.0, "--epsilon-decay-fraction must lie in [0, 1]"),
         (args.total_timesteps >= 1, "--total-timesteps must be at least 1"),
-        (args.eval_episodes >= 0 and args.checkpoint_every >= 0, "--eval-episodes and --checkpoint-every must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
     return args
-
-
-def load_checkpoint(path: str) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise UsageError(f"cannot load checkpoint '{path}': {str(e).splitlines()[0]}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("algorithm") != ALGORITHM:
-        raise UsageError(f"'{path}' is not a {ALGORITHM} checkpoint")
-    return ckpt
-
-
-def save_checkpoint(path: Path, ckpt: dict) -> None:
-    """Write atomically: a crash mid-write never leaves a half-written checkpoint behind."""
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
 
 
 def evaluate(
@@ -320,6 +291,7 @@ def evaluate(
 ) -> np.ndarray:
     """Returns of `episodes` episodes of the greedy policy argmax_a Q(s, a) (first maximum on ties).
     Episode k resets with seed + k; an env without a time limit is cut at EVAL_STEP_LIMIT steps."""
+    env_spaces(ckpt["env_id"])  # one clear line if the env is not registered here
     Q = ckpt["model"]["Q"].numpy()
     phi = Discretizer.from_state_dict(ckpt["discretizer"])
     env = make_env(ckpt["env_id"], capture_video, video_folder, "eval", trigger=lambda e: e == 0)
@@ -338,45 +310,16 @@ def evaluate(
     return np.array(returns)
 
 
-class Progress:
-    """A one-line progress bar on stderr: steps, steps per second, mean of the recent returns."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.last = total, enabled and sys.stderr.isatty(), 0.0
-
-    def update(self, step: int, sps: float, recent: list) -> None:
-        now = time.time()
-        if not self.enabled or now - self.last < 0.2:
-            return
-        self.last = now
-        done = int(30 * step / self.total)
-        ret = f"{np.mean(recent):9.1f}" if recent else "      n/a"
-        sys.stderr.write(
-            f"\r[{'#' * done}{'.' * (30 - done)}] {step:>10,}/{self.total:,} steps | {sps:7,.0f} SPS | return {ret}"
-        )
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            self.enabled = False
-
-
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
 
 
-def main(args: Args) -> int:
-    """Train; return the process exit status (0 done, 1 stopped by a non-finite TD target, 130 interrupted)."""
+def main(args: Args, stop: "StopSignal | None" = None) -> int:
+    """Train; return the process exit status (0 done, 1 stopped by a fault, 130 interrupted)."""
     t_start = time.time()
-    ckpt = None
-    if args.resume is not None:
-        ckpt = load_checkpoint(args.resume)
-        resumed = Args(**{**ckpt["args"], "resume": args.resume, "progress": args.progress})
-        if args.total_timesteps is not None:
-            resumed.total_timesteps = args.total_timesteps
-        args = resumed
+    stop = stop or StopSignal(install=False)
+    args, ckpt = resume_args(args)
     obs_space, act_space = env_spaces(args.env)
     if not isinstance(act_space, gym.spaces.Discrete):
         raise UsageError(f"tabular {ALGORITHM} needs a Discrete action space; {args.env} has {act_space}")
@@ -389,32 +332,12 @@ def main(args: Args) -> int:
     print(
         f"{ALGORITHM} on {args.env}: {phi.n_states:,} states x {n_actions} actions"
         + ("" if discrete_obs else f" (bins {phi.bins.tolist()}, low {phi.low.tolist()}, high {phi.high.tolist()})")
-        + f"; total_timesteps={args.total_timesteps}, alpha={args.alpha}, gamma={args.gamma}, "
+        + f"; total_timesteps={args.total_timesteps}, alpha {args.alpha} -> {args.alpha_end}, gamma={args.gamma}, "
         f"epsilon {args.epsilon_start} -> {args.epsilon_end} over {args.epsilon_decay_fraction:.0%} of the run"
     )
-
-    # ---- seeding and run directory (nothing is written before this point) ----
-    random.seed(args.seed)
+    seed_everything(args.seed, args.torch_deterministic)
+    headless_rendering()
     rng = np.random.default_rng(args.seed)
-    torch.manual_seed(args.seed)
-    if ckpt is not None:
-        run_path = Path(args.resume).parent
-        run_name = run_path.name
-    else:
-        run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(t_start)}"
-        run_path = Path(args.run_dir) / run_name
-    run_path.mkdir(parents=True, exist_ok=True)
-    (run_path / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    writer = SummaryWriter(str(run_path))
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()),
-    )
-    video_folder = str(Path(args.video_dir) / run_name)
-    if "DISPLAY" not in os.environ:
-        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame rendering without a screen
-    env = make_env(args.env, args.capture_video, f"{video_folder}/train", "train")
-
     Q = np.zeros((phi.n_states, n_actions))
     global_step, episode = 0, 0
     if ckpt is not None:
@@ -422,109 +345,339 @@ def main(args: Args) -> int:
         global_step, episode = ckpt["global_step"], ckpt["episode"]
         rng = np.random.default_rng([args.seed, global_step])
         print(f"resumed {args.resume} at global step {global_step}")
-    ckpt_path = run_path / f"{args.exp_name}.pt"
 
     def checkpoint() -> dict:
         return {
-            "format_version": CHECKPOINT_FORMAT,
-            "algorithm": ALGORITHM,
-            "env_id": args.env,
-            "args": dataclasses.asdict(args),
-            "global_step": global_step,
-            "episode": episode,
-            "model": {"Q": torch.from_numpy(Q.copy())},
-            "optimizer": {},
-            "discretizer": phi.state_dict(),
-        }
+            "format_version": CHECKPOINT_FORMAT, "algorithm": ALGORITHM, "env_id": args.env,
+            "args": dataclasses.asdict(args), "global_step": global_step, "episode": episode,
+            "model": {"Q": torch.from_numpy(Q.copy())}, "optimizer": {}, "discretizer": phi.state_dict(),
+        }  # fmt: skip
 
-    interrupted = []
-    previous_handler = None
-    if threading.current_thread() is threading.main_thread():
-        previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-
-    s_raw, _ = env.reset(seed=args.seed + episode)
-    s = phi(s_raw)
+    # ---- run directory (nothing is written before this point) and environment ----
+    run_path, writer = start_run(args, ckpt, t_start)
+    ckpt_path = run_path / f"{args.exp_name}.pt"
+    env = make_env(args.env, args.capture_video, str(Path(args.video_dir) / run_path.name / "train"), "train")
+    s = phi(env.reset(seed=args.seed + episode)[0])
     ep_return, ep_length = 0.0, 0
-    recent_returns: list = []
-    abs_deltas: list = []
-    progress = Progress(args.total_timesteps, args.progress)
-    sps_step, sps_time = global_step, time.time()
-    next_checkpoint = (
-        (global_step // args.checkpoint_every + 1) * args.checkpoint_every if args.checkpoint_every else None
-    )
-    status = 0
+    abs_deltas = []
+    monitor = Monitor(writer, args, global_step)
+    saved_step, status = global_step, 0
     try:
-        while global_step < args.total_timesteps and not interrupted:
-            epsilon = epsilon_schedule(
-                global_step, args.total_timesteps, args.epsilon_start, args.epsilon_end, args.epsilon_decay_fraction
-            )
+        while global_step < args.total_timesteps and not stop.requested.is_set():
+            epsilon = linear_schedule(global_step, args.total_timesteps, args.epsilon_start, args.epsilon_end,
+                                      args.epsilon_decay_fraction)  # fmt: skip
+            alpha = linear_schedule(global_step, args.total_timesteps, args.alpha, args.alpha_end, 1.0)
             a = epsilon_greedy(Q[s], epsilon, rng)
             s_next_raw, r, terminated, truncated, _ = env.step(a)
             global_step += 1
             s_next = phi(s_next_raw)  # on a truncation: the true final observation, bootstrapped from
             target = q_learning_target(r, Q[s_next], terminated, args.gamma)
             if not np.isfinite(target):  # checked before the update, so the table stays the last good one
-                raise NonFiniteLoss(f"non-finite TD target {target} at global step {global_step}")
-            delta = td_update(Q, s, a, target, args.alpha)
+                raise RunFault(f"non-finite TD target {target} at global step {global_step}")
+            delta = td_update(Q, s, a, target, alpha)
             abs_deltas.append(abs(delta))
             ep_return += float(r)
             ep_length += 1
             s = s_next
             if terminated or truncated:
                 episode += 1
-                writer.add_scalar("charts/episodic_return", ep_return, global_step)
-                writer.add_scalar("charts/episodic_length", ep_length, global_step)
-                recent_returns = (recent_returns + [ep_return])[-100:]
+                monitor.episode(ep_return, ep_length, global_step)
                 ep_return, ep_length = 0.0, 0
                 s = phi(env.reset()[0])
             if global_step % 1000 == 0 or global_step == args.total_timesteps:
-                sps = (global_step - sps_step) / max(time.time() - sps_time, 1e-9)
-                writer.add_scalar("charts/SPS", sps, global_step)
-                writer.add_scalar("charts/learning_rate", args.alpha, global_step)
+                writer.add_scalar("charts/learning_rate", alpha, global_step)
                 writer.add_scalar("charts/epsilon", epsilon, global_step)
                 writer.add_scalar("losses/td_error", float(np.mean(abs_deltas)), global_step)
                 abs_deltas = []
-                progress.update(global_step, sps, recent_returns)
-            if args.save_model and next_checkpoint is not None and global_step >= next_checkpoint:
+                monitor.update(global_step)
+            if checkpoint_due(args, global_step, saved_step):
                 save_checkpoint(ckpt_path, checkpoint())
-                next_checkpoint += args.checkpoint_every
-    except NonFiniteLoss as e:
-        status = 1
-        progress.close()
+                saved_step = global_step
+    except RunFault as e:
+        monitor.close()
         print(f"error: {e}; stopping with the last good state", file=sys.stderr)
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
-    progress.close()
+        status = 1
+    monitor.close()
     env.close()
-    if args.save_model:
-        save_checkpoint(ckpt_path, checkpoint())
-        print(f"checkpoint: {ckpt_path}")
-    if interrupted:
-        print(f"interrupted at global step {global_step}; resume with --resume {ckpt_path}", file=sys.stderr)
-        status = 130
     shape = grid_shape(gym.make(args.env)) if any(args.env.startswith(k) for k in GRID_ARROWS) else None
     if shape is not None:
         fig = policy_figure(Q, args.env, shape, f"{ALGORITHM} greedy policy, {args.env}, step {global_step}")
         fig.savefig(run_path / "greedy_policy.png", dpi=100)
         writer.add_figure("charts/greedy_policy", fig, global_step)
-    if status == 0 and args.eval_episodes > 0:
-        returns = evaluate(checkpoint(), args.eval_episodes, args.seed, args.capture_video, f"{video_folder}/eval")
-        writer.add_scalar("eval/episodic_return", returns.mean(), global_step)
-        writer.add_scalar("eval/episodic_return_std", returns.std(), global_step)
-        print(f"eval: {returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
+    status = end_run(args, checkpoint(), ckpt_path, writer, status, stop)
     writer.close()
     print(f"done in {time.time() - t_start:.1f} s: {global_step} steps, {episode} episodes, run in {run_path}")
     return status
 
 
-def cli() -> int:
-    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
+# ----------------------------------------------------------------------------------------------
+# Plumbing: the same in every script of cleanrl_style/, byte for byte (tests/test_plumbing.py).
+# Copy it from ppo.py into a new script; never edit one copy alone.
+# ----------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = 1
+RECENT_EPISODES = 20  # the progress bar shows the mean return of this many recent training episodes
+# Flags a resumed run takes from the command line, and flags it may change (a longer run, another evaluation);
+# every other flag must agree with the checkpoint's saved value.
+RESUME_FROM_COMMAND_LINE = ("resume", "device", "progress", "threads")
+RESUME_MAY_CHANGE = ("total_timesteps", "eval_episodes", "capture_video", "video_dir", "save_model", "checkpoint_every")
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit status 2, before anything is written."""
+
+
+class RunFault(Exception):
+    """A fault during training (a non-finite loss or parameter, a checkpoint that cannot be written): reported
+    as one line on stderr with exit status 1; the last good state is what the checkpoint keeps."""
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def env_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
+    """Observation and action space of `env_id`, or a UsageError if it is unknown or cannot be made."""
     try:
-        return main(args)
+        gym.spec(env_id)
+    except gym.error.Error as e:
+        raise UsageError(f"unknown environment id '{env_id}' ({type(e).__name__})") from None
+    try:
+        env = gym.make(env_id)
+    except Exception as e:  # registered, but a dependency is missing (Box2D for LunarLander) or it fails to build
+        raise UsageError(f"cannot make '{env_id}': {first_line(e)}") from None
+    spaces = env.observation_space, env.action_space
+    env.close()
+    return spaces
+
+
+def writable_dir(path: str) -> bool:
+    """True if `path` is a directory this process can write in, or one it can create."""
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
+
+
+def check_common_args(args) -> None:
+    """The flags every script has: a seed numpy accepts, a name that is not a path, directories that can be written."""
+    checks = [
+        (0 <= args.seed < 2**32, f"--seed must lie in [0, 2^32 - 1], got {args.seed}"),
+        (
+            args.exp_name not in ("", ".", "..") and not set("/\\").intersection(args.exp_name),
+            f"--exp-name must be a plain name without a path separator, got '{args.exp_name}'",
+        ),
+        (args.eval_episodes >= 0, "--eval-episodes must be >= 0"),
+        (args.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
+        (args.device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but CUDA is not available"),
+        (
+            args.resume is not None or writable_dir(args.run_dir),
+            f"--run-dir '{args.run_dir}' is not a writable directory",
+        ),
+        (not args.capture_video or writable_dir(args.video_dir), f"--video-dir '{args.video_dir}' is not writable"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:  # missing, unreadable
+        raise UsageError(f"cannot load checkpoint '{path}': {first_line(e)}") from None
+    except Exception as e:  # empty, truncated, text or random bytes, or more than tensors and plain data
+        raise UsageError(f"'{path}' is not a checkpoint written by these scripts ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("algorithm") != ALGORITHM or not isinstance(ckpt.get("args"), dict):
+        raise UsageError(f"'{path}' is not a {ALGORITHM} checkpoint")
+    return ckpt
+
+
+def save_checkpoint(path: Path, ckpt: dict) -> None:
+    """Write atomically: a crash mid-write never leaves a half-written checkpoint behind, and a failed write (a full
+    disk) leaves the previous checkpoint as it was and no temporary file."""
+    tmp = path.with_suffix(".pt.tmp")
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        raise RunFault(f"cannot write checkpoint '{path}': {first_line(e)}") from None
+
+
+def resume_args(args):
+    """--resume PATH: (the checkpoint's args, the checkpoint); otherwise (args, None). The resumed run keeps its
+    hyperparameters: a flag given with a value that contradicts the checkpoint is refused (a flag left at its
+    default cannot be told from an absent one and is taken from the checkpoint)."""
+    if args.resume is None:
+        return args, None
+    ckpt = load_checkpoint(args.resume)
+    default = type(args)()
+    saved = {f.name: ckpt["args"].get(f.name, getattr(default, f.name)) for f in dataclasses.fields(args)}
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    given = {k: v for k, v in dataclasses.asdict(args).items() if v != getattr(default, k)}
+    conflicts = [
+        f"--{k.replace('_', '-')} {v} (saved: {saved[k]})"
+        for k, v in given.items()
+        if k not in RESUME_FROM_COMMAND_LINE + RESUME_MAY_CHANGE and v != saved[k]
+    ]
+    if conflicts:
+        raise UsageError(
+            "a resumed run keeps its saved hyperparameters; drop "
+            + ", ".join(conflicts)
+            + f" (with --resume, only --{', --'.join(k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may change)"
+        )
+    kept = {k: getattr(args, k) for k in RESUME_FROM_COMMAND_LINE if k in saved}
+    changed = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
+    return dataclasses.replace(default, **{**saved, **kept, **changed}), ckpt
+
+
+def pick_device(device: str) -> str:
+    """auto: cuda when available, else cpu."""
+    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def seed_everything(seed: int, torch_deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+
+
+def headless_rendering() -> None:
+    """Render without a screen, unless the user chose otherwise: MuJoCo through EGL, pygame (classic control)
+    through SDL's dummy video driver."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    if "DISPLAY" not in os.environ:
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+
+
+def start_run(args, ckpt: dict | None, t_start: float) -> tuple[Path, SummaryWriter]:
+    """The run directory runs/{env}__{exp_name}__{seed}__{unix_time} (never shared: a second run started in the same
+    second gets a suffix -2, -3, ...), or the resumed run's own; args.json; the TensorBoard writer, which on resume
+    purges the events logged past the checkpoint's step (by a run killed after its last checkpoint)."""
+    try:
+        if ckpt is not None:
+            run_path = Path(args.resume).parent
+        else:
+            name = f"{args.env.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(t_start)}"
+            Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+            run_path, k = Path(args.run_dir) / name, 1
+            while True:
+                try:
+                    run_path.mkdir()
+                    break
+                except FileExistsError:
+                    k += 1
+                    run_path = Path(args.run_dir) / f"{name}-{k}"
+        (run_path / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        writer = SummaryWriter(str(run_path), purge_step=ckpt["global_step"] + 1 if ckpt is not None else None)
+    except OSError as e:
+        raise UsageError(f"cannot write the run directory under '{args.run_dir}': {first_line(e)}") from None
+    table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    return run_path, writer
+
+
+class StopSignal:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) ask the training loop to stop at the end of the
+    current update, which checkpoints and exits 130. Once `immediate` is set (the final evaluation), they interrupt
+    at once with KeyboardInterrupt. Installed only in the main thread; `restore` puts the old handlers back."""
+
+    def __init__(self, install: bool = True):
+        self.requested = threading.Event()
+        self.immediate = False
+        self.previous = {}
+        if install and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        self.requested.set()
+        if self.immediate:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+class Monitor:
+    """Finished training episodes to TensorBoard (charts/episodic_return and charts/episodic_length at their global
+    step), charts/SPS, and a tqdm progress bar (steps, steps per second, mean return of the last RECENT_EPISODES
+    episodes), shown only with --progress on a terminal."""
+
+    def __init__(self, writer: SummaryWriter, args, global_step: int):
+        self.writer, self.recent = writer, collections.deque(maxlen=RECENT_EPISODES)
+        self.start_step, self.start_time = global_step, time.time()
+        enabled = args.progress and sys.stderr.isatty()
+        self.bar = tqdm(total=args.total_timesteps, initial=global_step, unit="step", disable=not enabled)
+
+    def episode(self, G: float, length: int, global_step: int) -> None:
+        self.writer.add_scalar("charts/episodic_return", G, global_step)
+        self.writer.add_scalar("charts/episodic_length", length, global_step)
+        self.recent.append(float(G))
+
+    def update(self, global_step: int) -> None:
+        """Log charts/SPS (steps per second since this process started training) and move the bar."""
+        sps = (global_step - self.start_step) / max(time.time() - self.start_time, 1e-9)
+        self.writer.add_scalar("charts/SPS", sps, global_step)
+        if self.recent:
+            self.bar.set_postfix_str(f"return {np.mean(self.recent):.1f}", refresh=False)
+        self.bar.update(global_step - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def checkpoint_due(args, global_step: int, saved_step: int) -> bool:
+    """A periodic checkpoint is due when the run crossed a multiple of --checkpoint-every since `saved_step`."""
+    every = args.checkpoint_every
+    return args.save_model and every > 0 and global_step // every > saved_step // every
+
+
+def end_run(args, ckpt: dict, ckpt_path: Path, writer: SummaryWriter, status: int, stop: StopSignal) -> int:
+    """The ending of every run: write the checkpoint `ckpt` (the last good state); if training was not stopped,
+    evaluate the deterministic policy (eval/episodic_return). Returns the exit status: 0, 1 (a fault), 130."""
+    if args.save_model:
+        try:
+            save_checkpoint(ckpt_path, ckpt)
+            print(f"checkpoint: {ckpt_path} (global step {ckpt['global_step']})")
+        except RunFault as e:
+            print(f"error: {e}", file=sys.stderr)
+            status = 1
+    if stop.requested.is_set():
+        resume = f"; resume with --resume {ckpt_path}" if args.save_model else ""
+        print(f"interrupted at global step {ckpt['global_step']}{resume}", file=sys.stderr)
+        return 130
+    if status == 0 and args.eval_episodes > 0:
+        stop.immediate = True
+        try:
+            video_folder = str(Path(args.video_dir) / ckpt_path.parent.name / "eval")
+            device = pick_device(args.device)
+            returns = evaluate(ckpt, args.eval_episodes, args.seed, args.capture_video, video_folder, device)
+        except KeyboardInterrupt:
+            print("interrupted during the final evaluation (the checkpoint is written)", file=sys.stderr)
+            return 130
+        writer.add_scalar("eval/episodic_return", returns.mean(), ckpt["global_step"])
+        writer.add_scalar("eval/episodic_return_std", returns.std(), ckpt["global_step"])
+        print(f"eval: {returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
+    return status
+
+
+def cli() -> int:
+    """The command line: parse the flags, train, and turn bad input into one line on stderr with exit status 2."""
+    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
+    stop = StopSignal()
+    try:
+        return main(args, stop)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        stop.restore()
 
 
 if __name__ == "__main__":

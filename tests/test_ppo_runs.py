@@ -138,8 +138,9 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp, monkeypatch, capsys):
     (run,) = list((tmp / "runs").iterdir())
     ckpt = torch.load(run / "ppo.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    # the first update takes 40 mini-batch steps; the 61st loss, in the second update (at step 512), is NaN
-    assert ckpt["global_step"] == 512
+    # the first update takes 40 mini-batch steps; the 61st loss, in the second update (at step 512), is NaN:
+    # the checkpoint is the state after the first update, not the half-done second one
+    assert ckpt["global_step"] == 256 and ckpt["iteration"] == 1
 
 
 def test_target_kl_stops_updates_early(tmp):

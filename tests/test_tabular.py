@@ -37,7 +37,7 @@ def test_sarsa_and_expected_sarsa_updates_by_hand():
 
 
 def test_epsilon_schedule_and_greedy():
-    f = q_learning.epsilon_schedule
+    f = q_learning.linear_schedule
     assert f(0, 1000, 1.0, 0.1, 0.5) == 1.0
     assert f(250, 1000, 1.0, 0.1, 0.5) == pytest.approx(0.55)
     assert f(500, 1000, 1.0, 0.1, 0.5) == pytest.approx(0.1) and f(900, 1000, 1.0, 0.1, 0.5) == pytest.approx(0.1)
@@ -118,6 +118,8 @@ def test_cliff_walking_classic_result(tmp):
     """Sutton & Barto Example 6.6: alpha 0.5, epsilon 0.1 constant, gamma 1, 500 episodes."""
     flags = [
         "--alpha",
+        "0.5",
+        "--alpha-end",
         "0.5",
         "--epsilon-start",
         "0.1",
