@@ -34,7 +34,7 @@ class Args:
     total_timesteps: int | None = None
     """environment steps (default: 100,000 discrete actions, 1,000,000 continuous)"""
     zoo: bool = False
-    """rl-zoo3's tuned hyperparameters for CartPole-v1 PPO instead of SB3's defaults"""
+    """rl-zoo3's tuned hyperparameters (CartPole-v1: PPO, DQN) instead of SB3's defaults"""
     eval_episodes: int = 10
     """deterministic evaluation episodes at the end"""
     run_dir: str = "runs"
@@ -57,9 +57,24 @@ ZOO = {
         ent_coef=0.0,
         learning_rate=1e-3,
         clip_range=0.2,
-    )
+    ),
+    # rl-zoo3 hyperparams/dqn.yml, CartPole-v1 (constant learning rate; n_timesteps 5e4)
+    ("dqn", "CartPole-v1"): dict(
+        n_envs=1,
+        learning_rate=2.3e-3,
+        batch_size=64,
+        buffer_size=100_000,
+        learning_starts=1000,
+        gamma=0.99,
+        target_update_interval=10,
+        train_freq=256,
+        gradient_steps=128,
+        exploration_fraction=0.16,
+        exploration_final_eps=0.04,
+        policy_kwargs=dict(net_arch=[256, 256]),
+    ),
 }
-LINEAR = ("learning_rate", "clip_range")
+LINEAR = {("ppo", "CartPole-v1"): ("learning_rate", "clip_range")}  # the entries' lin_ schedules
 
 
 def main(args: Args) -> int:
@@ -87,7 +102,7 @@ def main(args: Args) -> int:
             return 2
         hp = dict(ZOO[(args.algo, args.env)])
         n_envs = hp.pop("n_envs")
-        for k in LINEAR:
+        for k in LINEAR.get((args.algo, args.env), ()):
             if k in hp:
                 hp[k] = (lambda v: lambda f: f * v)(hp[k])
     run = Path(args.run_dir) / f"{args.env}__sb3-{args.algo}__{args.seed}__{int(time.time())}"
