@@ -454,17 +454,17 @@ def line_search(
     accept_ratio: float,
 ) -> tuple[int, float, float]:
     """Backtracking: try theta_old + zeta^j Delta for j = 0 .. steps - 1 and accept the first whose exact mean KL is
-    <= delta, whose surrogate improved (L - L_old > 0), and whose improvement is at least `accept_ratio` times the
-    linear model's zeta^j g . Delta (`expected` = g . Delta). `evaluate_fn()` gives (L, KL_bar) at the parameters
-    set now. Returns (j, L, KL_bar) of the accepted step; when none is accepted, theta_old is restored exactly
-    and (-1, L_old, 0.0) is returned."""
+    <= delta, whose surrogate is finite and improved (L - L_old > 0), and whose improvement is at least
+    `accept_ratio` times the linear model's zeta^j g . Delta (`expected` = g . Delta). `evaluate_fn()` gives
+    (L, KL_bar) at the parameters set now. Returns (j, L, KL_bar) of the accepted step; when none is accepted,
+    theta_old is restored exactly and (-1, L_old, 0.0) is returned."""
     for j in range(steps):
         frac = shrink**j
         set_flat(params, theta_old + frac * Delta)
         L, kl = evaluate_fn()
         improvement = L - L_old
-        if kl <= max_kl and improvement > 0 and improvement >= accept_ratio * frac * expected:
-            return j, L, kl  # (comparisons with NaN are False: a NaN L or KL is never accepted)
+        if math.isfinite(L) and kl <= max_kl and improvement > 0 and improvement >= accept_ratio * frac * expected:
+            return j, L, kl  # (comparisons with NaN are False: a NaN KL is never accepted)
     set_flat(params, theta_old)
     return -1, L_old, 0.0
 
