@@ -11,7 +11,7 @@ from conftest import SCRIPTS, TRAINING_SCRIPTS, run_script, scalars, text_tags, 
 from moviepy import VideoFileClip
 
 # A tiny run of each script: its default environment, a budget of a few updates.
-TINY = {"ppo": ["--total-timesteps", "512"]}
+TINY = {"ppo": ["--total-timesteps", "512"], "dqn": ["--total-timesteps", "1000", "--learning-starts", "500"]}
 CONTRACT_TAGS = [
     "charts/episodic_return",
     "charts/episodic_length",
