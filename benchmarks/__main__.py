@@ -7,7 +7,8 @@
 Each run is its own process with one torch thread; --workers run at once (default: the cores). A
 second `run` with the same arguments skips the runs that finished and redoes the others. A failed
 run is reported with the tail of its log, the sweep goes on, and `run` exits 1 naming every failed
-run. `report` reads the event files under DIR and writes DIR/report.md, DIR/figures/*.png and
+run. A mistake in the arguments or in the suite file is one `error:` line, exit 2, nothing written.
+`report` reads the event files under DIR and writes DIR/report.md, DIR/figures/*.png and
 DIR/curves.csv. Peers (the peers extra): sb3-ppo, sb3-a2c, sb3-dqn, sb3-trpo in --algos.
 """
 
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.report import report
-from benchmarks.sweep import ROOT, load_suite, sweep
+from benchmarks.sweep import ROOT, SweepError, check_algos, load_suite, sweep
 
 
 def main(argv=None) -> int:
@@ -48,21 +49,18 @@ def main(argv=None) -> int:
         return 0
     try:
         suite = load_suite(args.suite)
-    except ValueError as e:
+        overrides = {
+            "algos": args.algos,
+            "envs": args.envs,
+            "seeds": args.seeds,
+            "total_timesteps": args.total_timesteps,
+        }
+        suite = dataclasses.replace(suite, **{k: v for k, v in overrides.items() if v is not None})
+        check_algos(suite.algos)
+        if args.workers < 1:
+            raise SweepError("--workers must be >= 1")
+    except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    overrides = {"algos": args.algos, "envs": args.envs, "seeds": args.seeds, "total_timesteps": args.total_timesteps}
-    suite = dataclasses.replace(suite, **{k: v for k, v in overrides.items() if v is not None})
-    missing = [
-        a for a in suite.algos if not a.startswith("sb3-") and not (ROOT / "cleanrl_style" / f"{a}.py").is_file()
-    ]
-    if missing or args.workers < 1:
-        print(
-            f"error: no script for {', '.join(missing)} in cleanrl_style/"
-            if missing
-            else "error: --workers must be >= 1",
-            file=sys.stderr,
-        )
         return 2
     out = args.out or ROOT / "benchmarks" / "out" / suite.name
     status = sweep(suite, out, args.workers, args.backend, args.ray_address)

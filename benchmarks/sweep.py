@@ -8,6 +8,9 @@ Layout under --out DIR:
 A run counts as finished when its status file says exit status 0. A later call with the same
 arguments skips finished runs and redoes the others (their half-written run directory is cleared;
 the log of the failed attempt is kept beside the new one as .log.1, .log.2, ...).
+
+A suite file that is not what SUITE_KEYS says, or an unknown algorithm or peer, raise SweepError
+before anything is written (the command line makes it one `error:` line, exit 2).
 """
 
 import json
@@ -17,7 +20,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 try:
@@ -27,6 +30,10 @@ except ModuleNotFoundError:  # Python 3.10
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = Path(__file__).resolve().parent / "suites"
+
+
+class SweepError(ValueError):
+    """A user's mistake or a broken file: one line for the user, exit status 2, nothing written."""
 
 
 @dataclass
@@ -41,23 +48,71 @@ class Suite:
     flags: dict = field(default_factory=dict)
 
 
+def _is(kind):
+    return lambda v: isinstance(v, kind) and not isinstance(v, bool)
+
+
+def _list_of(kind):
+    return lambda v: isinstance(v, list) and len(v) > 0 and all(map(_is(kind), v))
+
+
+def _table_of(ok):
+    return lambda v: isinstance(v, dict) and all(ok(x) for x in v.values())
+
+
+# key of the suite file: (required, test of its value, what it must be)
+SUITE_KEYS = {
+    "algos": (True, _list_of(str), "a non-empty list of algorithm names"),
+    "envs": (True, _list_of(str), "a non-empty list of environment ids"),
+    "seeds": (True, _list_of(int), "a non-empty list of integer seeds"),
+    "total_timesteps": (False, lambda v: _is(int)(v) and v > 0, "a positive integer"),
+    "thresholds": (False, _table_of(_is((int, float))), 'a table of numbers ("env" = 475)'),
+    "threshold_windows": (False, _table_of(lambda v: _is(int)(v) and v > 0), "a table of positive integers"),
+    "flags": (False, _table_of(_list_of(str)), 'a table of lists of strings ("ppo" = ["--eval-episodes", "2"])'),
+}
+
+
 def load_suite(name: str) -> Suite:
-    """A suite by name (benchmarks/suites/NAME.toml) or by the path of a .toml file."""
+    """A suite by name (benchmarks/suites/NAME.toml) or by the path of a .toml file; SweepError if it is wrong."""
     path = Path(name) if name.endswith(".toml") else SUITES / f"{name}.toml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in SUITES.glob("*.toml")))
-        raise ValueError(f"unknown suite '{name}' (known: {known})")
-    data = tomllib.loads(path.read_text())
-    return Suite(
-        name=path.stem,
-        algos=data["algos"],
-        envs=data["envs"],
-        seeds=data["seeds"],
-        total_timesteps=data.get("total_timesteps"),
-        thresholds=data.get("thresholds", {}),
-        threshold_windows=data.get("threshold_windows", {}),
-        flags=data.get("flags", {}),
-    )
+        raise SweepError(f"unknown suite '{name}' (known: {known})")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: TOMLDecodeError, UnicodeDecodeError
+        raise SweepError(f"{path}: not a readable TOML file: {str(e).splitlines()[0]}") from None
+    for key, (required, ok, want) in SUITE_KEYS.items():
+        if key not in data:
+            if required:
+                raise SweepError(f"{path}: missing key '{key}' ({want})")
+        elif not ok(data[key]):
+            raise SweepError(f"{path}: '{key}' must be {want}, not {data[key]!r}")
+    unknown = sorted(set(data) - set(SUITE_KEYS))
+    if unknown:
+        raise SweepError(f"{path}: unknown key '{unknown[0]}' (known: {', '.join(SUITE_KEYS)})")
+    return Suite(name=path.stem, **{k: data[k] for k in SUITE_KEYS if k in data})
+
+
+def peer_algos() -> tuple:
+    """The algorithms of benchmarks/peers/sb3.py (its --algo choices); imported only when a peer is asked for."""
+    from typing import get_args
+
+    from benchmarks.peers.sb3 import Args
+
+    return get_args(next(f.type for f in fields(Args) if f.name == "algo"))
+
+
+def check_algos(algos: list) -> None:
+    """SweepError naming the algorithms that are neither a script of cleanrl_style/ nor a known peer sb3-{algo}."""
+    ours = [a for a in algos if not a.startswith("sb3-") and not (ROOT / "cleanrl_style" / f"{a}.py").is_file()]
+    if ours:
+        raise SweepError(f"no script for {', '.join(ours)} in cleanrl_style/")
+    peers = [a for a in algos if a.startswith("sb3-")]
+    known = peer_algos() if peers else ()
+    unknown = [a for a in peers if a[4:] not in known]
+    if unknown:
+        raise SweepError(f"unknown peer {', '.join(unknown)} (peers: {', '.join('sb3-' + k for k in known)})")
 
 
 @dataclass(frozen=True)

@@ -148,3 +148,44 @@ def test_ray_backend_with_a_local_instance(tmp):
         (run,) = (out / "runs" / f"q_learning__CliffWalking-v1__{seed}").iterdir()
         assert len(load_scalars(run)["charts/episodic_return"][2]) > 10
     assert "| q_learning | 2 |" in (out / "report.md").read_text()
+
+
+# ---- faults: a user's mistake or a broken file is one error line and nothing written; no fault loses a run ----
+
+
+def run_main(capsys, *args):
+    """`python -m benchmarks ARGS` in this process: (exit status, stdout, stderr)."""
+    from benchmarks.__main__ import main
+
+    rc = main(list(args))
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ('envs = ["CartPole-v1"]\nseeds = [1]\n', "missing key 'algos'"),
+        ('algos = ["ppo"]\nseeds = [1]\n', "missing key 'envs'"),
+        ('algos = ["ppo"]\nenvs = ["CartPole-v1"]\n', "missing key 'seeds'"),
+        ('algos = "ppo"\nenvs = ["CartPole-v1"]\nseeds = [1]\n', "'algos' must be a non-empty list"),
+        ('algos = ["ppo"]\nenvs = ["CartPole-v1"]\nseeds = ["1"]\n', "'seeds' must be a non-empty list of integer"),
+        ('algos = ["ppo"]\nenvs = ["CartPole-v1"]\nseeds = [1]\ntotal_timesteps = "1k"\n', "'total_timesteps' must"),
+        ('algos = ["ppo"]\nenvs = ["CartPole-v1"]\nseeds = [1]\n[flags]\nppo = "--eval-episodes 2"\n', "'flags' must"),
+        ('algos = ["ppo"]\nenvs = ["CartPole-v1"]\nseed = [1]\n', "missing key 'seeds'"),
+        ('algos = ["ppo"\n', "not a readable TOML file"),
+    ],
+)
+def test_a_broken_suite_file_is_one_error_line(tmp, capsys, text, says):
+    suite = tmp / "broken.toml"
+    suite.write_text(text)
+    rc, out, err = run_main(capsys, "run", "--suite", str(suite), "--out", str(tmp / "o"))
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert str(suite) in err and says in err, err
+    assert not (tmp / "o").exists()
+
+
+def test_an_unknown_peer_is_refused_before_anything_is_written(tmp, capsys):
+    rc, out, err = run_main(capsys, "run", "--suite", "smoke", "--algos", "ppo", "sb3-foo", "--out", str(tmp / "o"))
+    assert rc == 2 and err.count("\n") == 1 and "unknown peer sb3-foo" in err and "sb3-trpo" in err, err
+    assert not (tmp / "o").exists()
