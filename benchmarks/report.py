@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from benchmarks.events import first_crossing, load_scalars  # noqa: E402
 from benchmarks.machine import stamp
 from benchmarks.stats import bootstrap_band, bootstrap_ci, iqm  # noqa: E402
+from benchmarks.sweep import Run, safe  # noqa: E402
 
 WINDOW = 20  # episodes in the running mean of a curve, and by default in the threshold test
 FINAL = 100  # training episodes in the final-return figure
@@ -30,8 +31,9 @@ def load_runs(out: Path) -> tuple[list, list]:
     finished, failed = [], []
     for path in sorted((out / "status").glob("*.json")):
         status = json.loads(path.read_text())
-        run_parent = out / "runs" / f"{status['algo']}__{status['env']}__{status['seed']}"
-        run_dirs = sorted(p for p in run_parent.glob("*") if p.is_dir()) if run_parent.exists() else []
+        run_parent = out / "runs" / Run(status["algo"], status["env"], status["seed"]).key
+        # the script's run directory: where its event files are (a namespaced env id may nest it one level deeper)
+        run_dirs = sorted({p.parent for p in run_parent.rglob("events.out.tfevents.*")})
         if status["returncode"] != 0 or not run_dirs:
             failed.append(status)
             continue
@@ -158,7 +160,7 @@ def report(out: Path, command: str = "") -> Path:
         for f in env_failed:
             lines.append(f"| {f['algo']} seed {f['seed']} | FAILED (exit {f['returncode']}) | | | | | | |")
         if by_algo:
-            png = out / "figures" / f"{env}.png"
+            png = out / "figures" / f"{safe(env)}.png"
             figure(env, by_algo, png, csv_rows)
             lines += ["", f"![{env}](figures/{png.name})"]
         lines.append("")

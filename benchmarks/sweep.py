@@ -1,9 +1,9 @@
 """Run every (algorithm, env, seed) of a suite, each as its own process, and keep the record.
 
-Layout under --out DIR:
-    DIR/runs/{algo}__{env}__{seed}/{the script's run directory}    TensorBoard events, checkpoint
-    DIR/logs/{algo}__{env}__{seed}.log                             the process's stdout and stderr
-    DIR/status/{algo}__{env}__{seed}.json                          command, exit status, start time, seconds
+Layout under --out DIR (KEY is {algo}__{env}__{seed}, with any '/' of the env id written '+'):
+    DIR/runs/KEY/{the script's run directory}    TensorBoard events, checkpoint
+    DIR/logs/KEY.log                             the process's stdout and stderr
+    DIR/status/KEY.json                          algo, env, seed, command, exit status, start time, seconds
 
 A run counts as finished when its status file says exit status 0. A later call with the same
 arguments skips finished runs and redoes the others (their half-written run directory is cleared;
@@ -115,6 +115,11 @@ def check_algos(algos: list) -> None:
         raise SweepError(f"unknown peer {', '.join(unknown)} (peers: {', '.join('sb3-' + k for k in known)})")
 
 
+def safe(name: str) -> str:
+    """A file name for an env id: '/' (a namespace, as in phys2d/CartPole-v1) becomes '+', which ids cannot hold."""
+    return name.replace("/", "+")
+
+
 @dataclass(frozen=True)
 class Run:
     algo: str
@@ -123,7 +128,7 @@ class Run:
 
     @property
     def key(self) -> str:
-        return f"{self.algo}__{self.env}__{self.seed}"
+        return f"{self.algo}__{safe(self.env)}__{self.seed}"
 
 
 def script_for(algo: str) -> Path:

@@ -66,11 +66,11 @@ total_timesteps = 1024
 """
 
 
-def harness(*args, cwd):
+def harness(*args, cwd, env=None):
     return subprocess.run(
         [sys.executable, "-m", "benchmarks", *args],
         cwd=ROOT,
-        env=script_env(),
+        env={**script_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=900,
@@ -189,3 +189,27 @@ def test_an_unknown_peer_is_refused_before_anything_is_written(tmp, capsys):
     rc, out, err = run_main(capsys, "run", "--suite", "smoke", "--algos", "ppo", "sb3-foo", "--out", str(tmp / "o"))
     assert rc == 2 and err.count("\n") == 1 and "unknown peer sb3-foo" in err and "sb3-trpo" in err, err
     assert not (tmp / "o").exists()
+
+
+def test_a_namespaced_env_id(tmp):
+    # an env id with a '/' (registered by a sitecustomize module in the harness's and the scripts' processes)
+    (tmp / "site").mkdir()
+    (tmp / "site" / "sitecustomize.py").write_text(
+        "import gymnasium\n"
+        'gymnasium.register("bench/CliffWalking-v1", '
+        'entry_point="gymnasium.envs.toy_text.cliffwalking:CliffWalkingEnv")\n'
+    )
+    suite = tmp / "ns.toml"
+    suite.write_text(
+        'algos = ["q_learning"]\nenvs = ["bench/CliffWalking-v1"]\nseeds = [1]\ntotal_timesteps = 3000\n'
+        '[flags]\n"q_learning" = ["--eval-episodes", "1"]\n'
+    )
+    out = tmp / "out"
+    proc = harness("run", "--suite", str(suite), "--out", str(out), cwd=tmp, env={"PYTHONPATH": str(tmp / "site")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = json.loads((out / "status" / "q_learning__bench+CliffWalking-v1__1.json").read_text())
+    assert status["env"] == "bench/CliffWalking-v1" and status["returncode"] == 0
+    assert (out / "logs" / "q_learning__bench+CliffWalking-v1__1.log").is_file()
+    report = (out / "report.md").read_text()
+    assert "## bench/CliffWalking-v1" in report and "| q_learning | 1 |" in report, report
+    assert (out / "figures" / "bench+CliffWalking-v1.png").read_bytes()[:4] == b"\x89PNG"
