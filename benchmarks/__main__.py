@@ -5,21 +5,27 @@
     python -m benchmarks report [--out DIR]
 
 Each run is its own process with one torch thread; --workers run at once (default: the cores). A
-second `run` with the same arguments skips the runs that finished and redoes the others. A failed
-run is reported with the tail of its log, the sweep goes on, and `run` exits 1 naming every failed
-run. A mistake in the arguments or in the suite file is one `error:` line, exit 2, nothing written.
+second `run` with the same arguments skips the runs that finished with the same command, resumes the
+unfinished ones from their checkpoints (a run with none starts afresh), and sets aside in
+DIR/superseded/ the runs made with other settings (another budget, other flags) before redoing them:
+nothing is deleted but half-written runs with no checkpoint. A failed run is reported with the tail
+of its log, the sweep goes on, and `run` exits 1 naming every failed run. Ctrl-C or SIGTERM stops
+the sweep: no new run starts, the running scripts checkpoint and stop, `run` lists what finished and
+what did not, writes no report and exits 130; the same command goes on from there. A mistake in the
+arguments or the suite file, or a broken status file, is one `error:` line, exit 2, nothing written.
 `report` reads the event files under DIR and writes DIR/report.md, DIR/figures/*.png and
 DIR/curves.csv. Peers (the peers extra): sb3-ppo, sb3-a2c, sb3-dqn, sb3-trpo in --algos.
 """
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
 from benchmarks.report import report
-from benchmarks.sweep import ROOT, SweepError, check_algos, load_suite, sweep
+from benchmarks.sweep import INTERRUPTED, ROOT, SweepError, check_algos, load_suite, sweep
 
 
 def main(argv=None) -> int:
@@ -45,7 +51,11 @@ def main(argv=None) -> int:
         if not (args.out / "status").is_dir():
             print(f"error: {args.out} holds no sweep (no status/ directory)", file=sys.stderr)
             return 2
-        print(report(args.out, command))
+        try:
+            print(report(args.out, command))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     try:
         suite = load_suite(args.suite)
@@ -59,12 +69,15 @@ def main(argv=None) -> int:
         check_algos(suite.algos)
         if args.workers < 1:
             raise SweepError("--workers must be >= 1")
+        if args.backend == "ray" and importlib.util.find_spec("ray") is None:
+            raise SweepError('--backend ray needs Ray: pip install -e ".[ray]"')
+        # absolute: the scripts run in the repository root, and the commands recorded must not depend on the cwd
+        out = (args.out or ROOT / "benchmarks" / "out" / suite.name).resolve()
+        status = sweep(suite, out, args.workers, args.backend, args.ray_address)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = args.out or ROOT / "benchmarks" / "out" / suite.name
-    status = sweep(suite, out, args.workers, args.backend, args.ray_address)
-    if not args.no_report:
+    if not args.no_report and status != INTERRUPTED:
         print(f"report: {report(out, command)}")
     return status
 

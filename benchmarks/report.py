@@ -27,15 +27,19 @@ GRID = 100  # points of the common grid
 
 
 def load_runs(out: Path) -> tuple[list, list]:
-    """(finished runs with their scalars, failed statuses) of a sweep directory."""
+    """(finished runs with their scalars, failed statuses) of a sweep directory; ValueError on a broken file."""
     finished, failed = [], []
     for path in sorted((out / "status").glob("*.json")):
-        status = json.loads(path.read_text())
-        run_parent = out / "runs" / Run(status["algo"], status["env"], status["seed"]).key
+        try:
+            status = json.loads(path.read_text())
+            run_parent = out / "runs" / Run(status["algo"], status["env"], status["seed"]).key
+            returncode = status["returncode"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: broken status file ({type(e).__name__}: {e})") from None
         # the script's run directory: where its event files are (a namespaced env id may nest it one level deeper)
         run_dirs = sorted({p.parent for p in run_parent.rglob("events.out.tfevents.*")})
-        if status["returncode"] != 0 or not run_dirs:
-            failed.append(status)
+        if returncode != 0 or not run_dirs:
+            failed.append({**status, "returncode": "unfinished" if returncode is None else returncode})
             continue
         tags = load_scalars(run_dirs[-1])
         if "charts/episodic_return" not in tags:
@@ -43,6 +47,16 @@ def load_runs(out: Path) -> tuple[list, list]:
             continue
         finished.append({**status, "run_dir": str(run_dirs[-1]), "tags": tags})
     return finished, failed
+
+
+def elapsed(run: dict, walls: np.ndarray) -> np.ndarray:
+    """Seconds of the run's processes at each wall time: from the start of the attempt it falls in, plus the
+    seconds of the attempts before it (a run resumed from its checkpoint does not count the time in between)."""
+    attempts = run.get("attempts") or [{"start_time": run["start_time"], "seconds": run.get("seconds")}]
+    starts = np.array([a["start_time"] for a in attempts])
+    before = np.concatenate([[0.0], np.cumsum([a["seconds"] or 0.0 for a in attempts[:-1]])])
+    k = np.clip(np.searchsorted(starts, walls, side="right") - 1, 0, None)
+    return walls - starts[k] + before[k]
 
 
 def running_mean(values: np.ndarray, window: int = WINDOW) -> np.ndarray:
@@ -69,7 +83,7 @@ def summarise(runs: list, threshold: "float | None", window: int = WINDOW) -> di
             i = first_crossing(returns, threshold, window)
             if i is not None:
                 steps_to.append(int(steps[i]))
-                secs_to.append(float(walls[i] - r["start_time"]))
+                secs_to.append(float(elapsed(r, walls[i : i + 1])[0]))
     sps = [float(r["tags"]["charts/SPS"][2][-1]) for r in runs if "charts/SPS" in r["tags"]]
     return {"n": len(runs), "final": final, "eval": evals, "steps_to": steps_to, "secs_to": secs_to, "sps": sps}
 
@@ -90,7 +104,7 @@ def figure(env: str, by_algo: dict, path: Path, csv_rows: list) -> None:
             per_seed = []
             for r in runs:
                 steps, walls, returns = r["tags"]["charts/episodic_return"]
-                x = steps.astype(float) if xkey == "steps" else walls - r["start_time"]
+                x = steps.astype(float) if xkey == "steps" else elapsed(r, walls)
                 per_seed.append((x, running_mean(returns), r["seed"]))
                 x_max = max(x_max, float(x[-1]))
             series[algo] = per_seed

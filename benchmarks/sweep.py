@@ -2,24 +2,46 @@
 
 Layout under --out DIR (KEY is {algo}__{env}__{seed}, with any '/' of the env id written '+'):
     DIR/runs/KEY/{the script's run directory}    TensorBoard events, checkpoint
-    DIR/logs/KEY.log                             the process's stdout and stderr
-    DIR/status/KEY.json                          algo, env, seed, command, exit status, start time, seconds
+    DIR/logs/KEY.log                             the process's stdout and stderr (.log.1, .log.2: earlier attempts)
+    DIR/status/KEY.json                          algo, env, seed, command, exit status, attempts (start, seconds,
+                                                 the checkpoint resumed from); written as the run starts (exit
+                                                 status null) and again, atomically, when it ends
+    DIR/superseded/{date-time}/                  runs made with other settings, set aside (a sweep directory too)
 
-A run counts as finished when its status file says exit status 0. A later call with the same
-arguments skips finished runs and redoes the others (their half-written run directory is cleared;
-the log of the failed attempt is kept beside the new one as .log.1, .log.2, ...).
+A run is finished when its status file records exit status 0 and the same command: the same
+arguments, whatever the python executable and any `--resume PATH` (the arguments hold the absolute
+paths of the script and of DIR, so a moved checkout or DIR counts as other settings). A later call
+skips the finished runs and starts the others:
+- a run whose status records another command (another --total-timesteps, other flags) is never
+  reused nor deleted: its run directory, logs and status move to DIR/superseded/{date-time}/ (with
+  the suite.json they were made under; `python -m benchmarks report --out` that folder still works),
+  the call says so, and the run starts afresh under the new settings. Set aside rather than refused,
+  so that changing the flags of one algorithm in a suite redoes its runs and only them;
+- any other run that is not finished (stopped by Ctrl-C or SIGTERM, exit 130; killed; its machine
+  stopped, so that its status still says it is running; a crash) resumes from the checkpoint in its
+  run directory, if one of our scripts wrote one: the same command plus `--resume CHECKPOINT`, events
+  appended in the same run directory. Without a checkpoint (a peer, sb3-*, never writes one) it
+  starts afresh, its half-written run directory cleared. A run that keeps failing on resume (a
+  checkpoint the script refuses) starts afresh once DIR/runs/KEY is removed by hand.
 
-A suite file that is not what SUITE_KEYS says, or an unknown algorithm or peer, raise SweepError
-before anything is written (the command line makes it one `error:` line, exit 2).
+Ctrl-C or SIGTERM to the sweep (or `kill -INT PID`): no new run starts; SIGINT is forwarded to each
+running script, which writes its checkpoint and exits 130; the sweep waits for them, prints what
+finished and what did not, and exits 130. The same command again goes on where it stopped. With
+--backend ray the stop travels to the Ray workers through the file DIR/.stop.
+
+A suite file that is not what SUITE_KEYS says, an unknown algorithm or peer, or a broken status file
+raise SweepError before anything is written (the command line makes it one `error:` line, exit 2).
 """
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -30,6 +52,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = Path(__file__).resolve().parent / "suites"
+INTERRUPTED = 130  # the exit status of a script stopped by Ctrl-C or SIGTERM, and of an interrupted sweep
 
 
 class SweepError(ValueError):
@@ -130,6 +153,9 @@ class Run:
     def key(self) -> str:
         return f"{self.algo}__{safe(self.env)}__{self.seed}"
 
+    def __str__(self) -> str:
+        return f"{self.algo} {self.env} seed {self.seed}"
+
 
 def script_for(algo: str) -> Path:
     """Our scripts live in cleanrl_style/{algo}.py; peers are named sb3-{algo}."""
@@ -149,40 +175,157 @@ def command(run: Run, suite: Suite, out: Path) -> list:
     return cmd
 
 
+def settings(cmd: list) -> list:
+    """What makes two commands the same run: the arguments after the python executable, less `--resume PATH`."""
+    args = list(cmd[1:])
+    if "--resume" in args:
+        i = args.index("--resume")
+        del args[i : i + 2]
+    return args
+
+
 def read_status(out: Path, run: Run) -> "dict | None":
+    """The run's status file, None if there is none; SweepError if it is not a status file."""
     path = out / "status" / f"{run.key}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        status = json.loads(path.read_text())
+        if not isinstance(status.get("command"), list) or not isinstance(status.get("returncode"), (int, type(None))):
+            raise ValueError("no command or exit status")
+    except (OSError, ValueError, AttributeError) as e:
+        raise SweepError(
+            f"{path}: broken status file ({str(e).splitlines()[0]}); move it away to redo the run"
+        ) from None
+    return status
 
 
-def execute(run: Run, suite: Suite, out: Path) -> dict:
-    """Run one (algo, env, seed) to the end; write its status file last, atomically."""
-    run_parent = out / "runs" / run.key
-    if run_parent.exists():
-        shutil.rmtree(run_parent)  # a half-written run from an attempt that did not finish
-    log = out / "logs" / f"{run.key}.log"
-    if log.exists():
-        k = 1
-        while log.with_suffix(f".log.{k}").exists():
-            k += 1
-        log.rename(log.with_suffix(f".log.{k}"))
-    cmd = command(run, suite, out)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
-    start = time.time()
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    status = {
-        "algo": run.algo,
-        "env": run.env,
-        "seed": run.seed,
-        "command": cmd,
-        "returncode": rc,
-        "start_time": start,
-        "seconds": time.time() - start,
-        "log": str(log),
-    }
-    tmp = out / "status" / f"{run.key}.json.tmp"
+def write_status(out: Path, run: Run, status: dict) -> None:
+    path = out / "status" / f"{run.key}.json"
+    tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(status, indent=1))
-    os.replace(tmp, out / "status" / f"{run.key}.json")
+    os.replace(tmp, path)
+
+
+def checkpoint_of(run: Run, out: Path) -> "Path | None":
+    """The newest checkpoint our script left in the run's directory (peers write none)."""
+    if run.algo.startswith("sb3-"):
+        return None
+    found = sorted((out / "runs" / run.key).rglob("*.pt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def set_aside(out: Path, runs: list, superseded: Path) -> None:
+    """Move the runs' directories, logs and status files to `superseded`, itself laid out as a sweep directory."""
+    for sub in ("runs", "logs", "status"):
+        (superseded / sub).mkdir(parents=True, exist_ok=True)
+    if (out / "suite.json").is_file():
+        shutil.copy2(out / "suite.json", superseded / "suite.json")
+    for run in runs:
+        if (out / "runs" / run.key).exists():
+            os.replace(out / "runs" / run.key, superseded / "runs" / run.key)
+        for log in (out / "logs").glob(f"{run.key}.log*"):
+            os.replace(log, superseded / "logs" / log.name)
+        status = json.loads((out / "status" / f"{run.key}.json").read_text())
+        status["log"] = str(superseded / "logs" / f"{run.key}.log")
+        write_status(superseded, run, status)
+        (out / "status" / f"{run.key}.json").unlink()
+
+
+# Stopping. The local backend's signal handler sets STOP and forwards SIGINT to the processes in
+# RUNNING at once; a Ray worker sees the file DIR/.stop and forwards SIGINT itself.
+STOP = threading.Event()
+RUNNING: dict = {}  # run key -> Popen of the scripts this process started and has not yet seen end
+SIGNALLED: set = set()  # run keys whose script was sent SIGINT
+LOCK = threading.RLock()  # re-entrant: the signal handler may run while the main thread holds it
+
+
+def stop_requested(out: Path) -> bool:
+    return STOP.is_set() or (out / ".stop").exists()
+
+
+def interrupt(key: str) -> None:
+    """Send SIGINT to the script of run `key` once: it writes its checkpoint and exits 130."""
+    with LOCK:
+        proc = RUNNING.get(key)
+        if proc is not None and key not in SIGNALLED and proc.poll() is None:
+            SIGNALLED.add(key)
+            proc.send_signal(signal.SIGINT)
+
+
+def attempts_so_far(out: Path, run: Run, status: "dict | None") -> list:
+    """The earlier attempts of a run that goes on from its checkpoint: start time, seconds, checkpoint of each.
+    Where the process or its machine stopped before the status could say so, its files' times tell."""
+    times = [p.stat().st_mtime for p in (out / "runs" / run.key).rglob("*") if p.is_file()]
+    if status is None or status.get("start_time") is None:  # a sweep that did not record it
+        return [{"start_time": min(times), "seconds": max(times) - min(times), "resumed_from": None}] if times else []
+    attempts = status.get("attempts") or [dict(status, resumed_from=None)]
+    last = {k: attempts[-1].get(k) for k in ("start_time", "seconds", "resumed_from")}
+    if last["seconds"] is None:
+        last["seconds"] = max(times, default=last["start_time"]) - last["start_time"]
+    return attempts[:-1] + [last]
+
+
+def execute(run: Run, suite: Suite, out: Path) -> "dict | None":
+    """Run one (algo, env, seed) to its end, from its checkpoint if there is one; None if a stop came first."""
+    with LOCK:
+        if stop_requested(out):
+            return None
+        cmd = command(run, suite, out)
+        resume = checkpoint_of(run, out)
+        if resume is not None:
+            cmd += ["--resume", str(resume)]
+            earlier = attempts_so_far(out, run, read_status(out, run))
+        else:
+            earlier = []
+            if (out / "runs" / run.key).exists():
+                shutil.rmtree(out / "runs" / run.key)  # a half-written run with no checkpoint: nothing to keep
+        log = out / "logs" / f"{run.key}.log"
+        if log.exists():
+            k = 1
+            while log.with_suffix(f".log.{k}").exists():
+                k += 1
+            log.rename(log.with_suffix(f".log.{k}"))
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))
+        start = time.time()
+        attempt = {"start_time": start, "seconds": None, "resumed_from": str(resume) if resume else None}
+        status = {
+            "algo": run.algo,
+            "env": run.env,
+            "seed": run.seed,
+            "command": cmd,
+            "returncode": None,  # running
+            "start_time": earlier[0]["start_time"] if earlier else start,
+            "seconds": None,
+            "attempts": earlier + [attempt],
+            "log": str(log),
+        }
+        write_status(out, run, status)
+        # a child inherits the signal mask, and a Ray worker blocks SIGINT: unblocked, the script can be stopped
+        mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            with open(log, "w") as f:
+                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        RUNNING[run.key] = proc
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if stop_requested(out):
+                    interrupt(run.key)
+            except KeyboardInterrupt:  # Ray's cancel of the task
+                interrupt(run.key)
+    finally:
+        with LOCK:
+            RUNNING.pop(run.key, None)
+            SIGNALLED.discard(run.key)
+    attempt["seconds"] = time.time() - start
+    status.update(returncode=rc, seconds=sum(a["seconds"] for a in status["attempts"]))
+    write_status(out, run, status)
     return status
 
 
@@ -193,59 +336,128 @@ def log_tail(status: dict, lines: int = 8) -> str:
         return "(no log)"
 
 
+def plan(suite: Suite, out: Path) -> tuple:
+    """(every run, the finished ones, those made with other settings); reads only, SweepError on a broken file."""
+    runs = [Run(a, e, s) for a in suite.algos for e in suite.envs for s in suite.seeds]
+    finished, superseded = [], []
+    for r in runs:
+        status = read_status(out, r)
+        if status is not None and settings(status["command"]) != settings(command(r, suite, out)):
+            superseded.append(r)
+        elif status is not None and status.get("returncode") == 0:
+            finished.append(r)
+    return runs, finished, superseded
+
+
 def sweep(suite: Suite, out: Path, workers: int, backend: str = "local", ray_address: "str | None" = None) -> int:
-    """Run what is not finished yet; print a progress line; return the exit status (1 if any run failed)."""
+    """Run what is not finished yet; print a progress line per run; return the exit status (0 all finished,
+    1 some failed, 130 stopped by SIGINT or SIGTERM). SweepError, before anything is written, on a broken file."""
+    out = out.resolve()  # the scripts run in the repository root
+    runs, finished, superseded = plan(suite, out)
     for sub in ("runs", "logs", "status"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+    (out / ".stop").unlink(missing_ok=True)  # left by a Ray sweep whose driver was killed
+    if superseded:
+        aside = out / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+        while aside.exists():
+            aside = aside.with_name(aside.name + "+")
+        set_aside(out, superseded, aside)
+        print(
+            f"{len(superseded)} runs were made with other settings (other flags or budget), "
+            f"set aside in {aside}: " + ", ".join(r.key for r in superseded),
+            flush=True,
+        )
     (out / "suite.json").write_text(json.dumps(suite.__dict__, indent=1))
-    runs = [Run(a, e, s) for a in suite.algos for e in suite.envs for s in suite.seeds]
-    todo = [r for r in runs if (read_status(out, r) or {}).get("returncode") != 0]
+    todo = [r for r in runs if r not in finished]
+    resuming = sum(checkpoint_of(r, out) is not None for r in todo)
     print(
-        f"{suite.name}: {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run "
-        f"({backend}, {workers} at a time) -> {out}",
+        f"{suite.name}: {len(runs)} runs, {len(finished)} already finished, {len(todo)} to run "
+        f"({resuming} from a checkpoint; {backend}, {workers} at a time) -> {out}",
         flush=True,
     )
     results = []
 
-    def show(status: dict) -> None:
+    def show(status: "dict | None") -> None:
+        if status is None:  # not started: a stop came first
+            return
         results.append(status)
         failed = sum(r["returncode"] != 0 for r in results)
         done = len(results)
         bar = "#" * int(30 * done / max(len(todo), 1))
-        mark = "ok" if status["returncode"] == 0 else f"FAILED (exit {status['returncode']})"
+        rc = status["returncode"]
+        mark = "ok" if rc == 0 else f"stopped (exit {rc})" if rc == INTERRUPTED or rc < 0 else f"FAILED (exit {rc})"
         print(
-            f"[{bar:<30}] {done}/{len(todo)} ({failed} failed) {status['algo']} {status['env']} "
-            f"seed {status['seed']}: {mark} in {status['seconds']:.0f} s",
+            f"[{bar:<30}] {done}/{len(todo)} ({failed} not ok) {status['algo']} {status['env']} "
+            f"seed {status['seed']}: {mark} in {status['attempts'][-1]['seconds']:.0f} s",
             flush=True,
         )
 
-    if backend == "ray":
-        import ray
+    signals = []
 
-        if ray_address:  # an existing cluster
-            ray.init(address=ray_address, log_to_driver=False)
-        else:  # a local instance with --workers CPUs
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        remote = ray.remote(num_cpus=1)(execute)
-        pending = [remote.remote(r, suite, out) for r in todo]
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            show(ray.get(ready[0]))
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for future in as_completed([pool.submit(execute, r, suite, out) for r in todo]):
-                show(future.result())
+    def on_signal(signum, frame) -> None:
+        signals.append(signum)
+        STOP.set()
+        if backend == "ray":
+            (out / ".stop").touch()
+        with LOCK:
+            for key in list(RUNNING):
+                interrupt(key)
 
-    failed = [r for r in runs if (read_status(out, r) or {}).get("returncode") != 0]
-    for r in failed:
-        status = read_status(out, r)
+    previous = {}
+    try:
+        if backend == "ray":
+            import ray
+
+            if ray_address:  # an existing cluster
+                ray.init(address=ray_address, log_to_driver=False)
+            else:  # a local instance with --workers CPUs
+                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        if threading.current_thread() is threading.main_thread():
+            previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        if backend == "ray":
+            remote = ray.remote(num_cpus=1)(execute)
+            pending = [remote.remote(r, suite, out) for r in todo]
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+                for ref in ready:
+                    show(ray.get(ref))
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                pending = {pool.submit(execute, r, suite, out) for r in todo}
+                while pending:
+                    done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        show(future.result())
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        STOP.clear()
+        (out / ".stop").unlink(missing_ok=True)
+
+    statuses = {r: read_status(out, r) for r in runs}
+    not_ok = [r for r in runs if (statuses[r] or {}).get("returncode") != 0]
+    if signals:
+        name = signal.Signals(signals[0]).name
+        print(f"\n{name}: stopped; {len(runs) - len(not_ok)} of {len(runs)} runs finished", file=sys.stderr)
+        started = {(s["algo"], s["env"], s["seed"]) for s in results}
+        for r in not_ok:
+            how = f"exit {statuses[r]['returncode']}" if (r.algo, r.env, r.seed) in started else "not started"
+            ckpt = checkpoint_of(r, out)
+            print(
+                f"  not finished: {r} ({how}; {f'resumes from {ckpt}' if ckpt else 'starts afresh'})", file=sys.stderr
+            )
+        print("the same command again goes on from here", file=sys.stderr)
+        return INTERRUPTED
+    for r in not_ok:
+        status, ckpt = statuses[r], checkpoint_of(r, out)
         print(
-            f"\nFAILED {r.algo} {r.env} seed {r.seed} (exit {status['returncode'] if status else '?'}); "
+            f"\nFAILED {r} (exit {status['returncode'] if status else '?'}"
+            f"{f'; resumes from {ckpt} next time' if ckpt else ''}); "
             f"log {status['log'] if status else '?'}:\n{log_tail(status) if status else ''}",
             file=sys.stderr,
         )
-    if failed:
-        print(f"\n{len(failed)} of {len(runs)} runs failed: " + ", ".join(r.key for r in failed), file=sys.stderr)
+    if not_ok:
+        print(f"\n{len(not_ok)} of {len(runs)} runs failed: " + ", ".join(r.key for r in not_ok), file=sys.stderr)
         return 1
     print(f"all {len(runs)} runs finished")
     return 0

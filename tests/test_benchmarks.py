@@ -3,15 +3,17 @@
 import itertools
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from conftest import ROOT, script_env
 
 from benchmarks.events import first_crossing, load_scalars
-from benchmarks.report import on_grid, running_mean
+from benchmarks.report import elapsed, on_grid, running_mean
 from benchmarks.stats import bootstrap_band, bootstrap_ci, iqm
 
 
@@ -191,6 +193,16 @@ def test_an_unknown_peer_is_refused_before_anything_is_written(tmp, capsys):
     assert not (tmp / "o").exists()
 
 
+def test_a_broken_status_file_is_one_error_line(tmp, capsys):
+    (tmp / "o" / "status").mkdir(parents=True)
+    (tmp / "o" / "status" / "ppo__CartPole-v1__1.json").write_text('{"algo": "ppo", "command": [')
+    rc, out, err = run_main(capsys, "run", "--suite", "smoke", "--algos", "ppo", "--out", str(tmp / "o"))
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "ppo__CartPole-v1__1.json" in err, err
+    assert sorted(p.name for p in (tmp / "o").rglob("*")) == ["ppo__CartPole-v1__1.json", "status"]
+    rc, out, err = run_main(capsys, "report", "--out", str(tmp / "o"))
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
 def test_a_namespaced_env_id(tmp):
     # an env id with a '/' (registered by a sitecustomize module in the harness's and the scripts' processes)
     (tmp / "site").mkdir()
@@ -213,3 +225,136 @@ def test_a_namespaced_env_id(tmp):
     report = (out / "report.md").read_text()
     assert "## bench/CliffWalking-v1" in report and "| q_learning | 1 |" in report, report
     assert (out / "figures" / "bench+CliffWalking-v1.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_changed_settings_set_the_finished_run_aside(tmp):
+    suite = tmp / "cliff.toml"
+    suite.write_text(
+        'algos = ["q_learning"]\nenvs = ["CliffWalking-v1"]\nseeds = [1]\ntotal_timesteps = 3000\n'
+        '[flags]\n"q_learning" = ["--eval-episodes", "1"]\n'
+    )
+    out = tmp / "out"
+    key = "q_learning__CliffWalking-v1__1"
+    first = harness("run", "--suite", str(suite), "--out", str(out), "--no-report", cwd=tmp)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (old_ckpt,) = (out / "runs" / key).rglob("*.pt")
+    second = harness("run", "--suite", str(suite), "--out", str(out), "--total-timesteps", "4000", cwd=tmp)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "1 runs, 0 already finished, 1 to run" in second.stdout and "other settings" in second.stdout
+    # the old run is kept whole, as a sweep directory of its own; the new one ran with the new budget
+    (aside,) = (out / "superseded").iterdir()
+    assert (aside / old_ckpt.relative_to(out)).is_file() and (aside / "logs" / f"{key}.log").is_file()
+    old = json.loads((aside / "status" / f"{key}.json").read_text())
+    assert old["command"][old["command"].index("--total-timesteps") + 1] == "3000"
+    assert json.loads((aside / "suite.json").read_text())["total_timesteps"] == 3000
+    new = json.loads((out / "status" / f"{key}.json").read_text())
+    assert new["returncode"] == 0 and new["command"][new["command"].index("--total-timesteps") + 1] == "4000"
+    assert json.loads((out / "suite.json").read_text())["total_timesteps"] == 4000
+    assert "| q_learning | 1 |" in (out / "report.md").read_text()
+
+
+INTERRUPTIBLE = """
+algos = ["ppo"]
+envs = ["CartPole-v1"]
+seeds = [1, 2, 3]
+total_timesteps = 12288
+
+[flags]
+"ppo" = ["--eval-episodes", "1", "--checkpoint-every", "1024"]
+"""
+
+
+def start(*args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "benchmarks", *args],
+        cwd=ROOT,
+        env=script_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def checkpoint(out, key):
+    found = list((out / "runs" / key).rglob("*.pt"))
+    return found[0] if found else None
+
+
+def returncode(out, key):
+    path = out / "status" / f"{key}.json"
+    return json.loads(path.read_text())["returncode"] if path.is_file() else None
+
+
+def stop_when(proc, ready, signum, timeout=300):
+    """Send `signum` to the sweep (not to its scripts) once `ready()`; (exit status, stdout, stderr)."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return proc.returncode, stdout, stderr
+
+
+def test_interrupt_and_resume(tmp):
+    suite = tmp / "interruptible.toml"
+    suite.write_text(INTERRUPTIBLE)
+    out = tmp / "out"
+    key = {seed: f"ppo__CartPole-v1__{seed}" for seed in [1, 2, 3]}
+    args = ("run", "--suite", str(suite), "--out", str(out), "--workers", "2")
+
+    # Ctrl-C (SIGINT to the sweep alone): the two running scripts checkpoint and stop, the third never starts
+    both_checkpointed = lambda: checkpoint(out, key[1]) and checkpoint(out, key[2])  # noqa: E731
+    rc, stdout, stderr = stop_when(start(*args), both_checkpointed, signal.SIGINT)
+    assert rc == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "not finished: ppo CartPole-v1 seed 3 (not started" in stderr, stderr
+    for seed in [1, 2]:
+        assert json.loads((out / "status" / f"{key[seed]}.json").read_text())["returncode"] == 130
+        assert f"not finished: ppo CartPole-v1 seed {seed} (exit 130; resumes from" in stderr
+    assert not (out / "status" / f"{key[3]}.json").exists() and not (out / "runs" / key[3]).exists()
+    assert not (out / "report.md").exists()
+    first_ckpt = {seed: checkpoint(out, key[seed]) for seed in [1, 2]}
+
+    # seed 2 as if the sweep had been killed with it (no status); SIGTERM this time, once seed 3 has a checkpoint
+    (out / "status" / f"{key[2]}.json").unlink()
+    two_done_third_checkpointed = (  # noqa: E731
+        lambda: checkpoint(out, key[3]) and returncode(out, key[1]) == returncode(out, key[2]) == 0
+    )
+    rc, stdout, stderr = stop_when(start(*args), two_done_third_checkpointed, signal.SIGTERM)
+    assert rc == 130, stderr[-3000:]
+    assert "3 runs, 0 already finished, 3 to run (2 from a checkpoint" in stdout, stdout
+    for seed in [1, 2]:  # resumed in their own run directories, from their checkpoints, to the end
+        status = json.loads((out / "status" / f"{key[seed]}.json").read_text())
+        assert status["returncode"] == 0, stderr[-3000:]
+        assert status["command"][-2:] == ["--resume", str(first_ckpt[seed])]
+        assert [a["resumed_from"] for a in status["attempts"]] == [None, str(first_ckpt[seed])]
+        assert checkpoint(out, key[seed]) == first_ckpt[seed]
+        assert "resumed" in (out / "logs" / f"{key[seed]}.log").read_text()
+        assert (out / "logs" / f"{key[seed]}.log.1").is_file()  # the interrupted attempt's log
+    assert json.loads((out / "status" / f"{key[3]}.json").read_text())["returncode"] == 130
+
+    # the same command again: seed 3 goes on, the others are finished; the report counts process seconds
+    third = harness(*args, cwd=tmp)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "3 runs, 2 already finished, 1 to run (1 from a checkpoint" in third.stdout, third.stdout
+    for seed in [1, 2, 3]:
+        (run,) = (out / "runs" / key[seed]).iterdir()
+        steps, walls, _ = load_scalars(run)["charts/SPS"]
+        assert steps.max() >= 12288 - 256 and len(set(steps)) == len(steps)  # every update logged once
+        status = json.loads((out / "status" / f"{key[seed]}.json").read_text())
+        seconds = elapsed(status, walls)
+        assert np.all(seconds >= 0) and np.all(seconds <= status["seconds"] + 1)
+    assert "| ppo | 3 |" in (out / "report.md").read_text()
+
+
+def test_interrupt_a_ray_sweep(tmp):
+    pytest.importorskip("ray")
+    suite = tmp / "interruptible.toml"
+    suite.write_text(INTERRUPTIBLE.replace("[1, 2, 3]", "[1, 2]"))
+    out = tmp / "out"
+    proc = start("run", "--suite", str(suite), "--out", str(out), "--workers", "1", "--backend", "ray")
+    rc, stdout, stderr = stop_when(proc, lambda: checkpoint(out, "ppo__CartPole-v1__1"), signal.SIGINT)
+    assert rc == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert json.loads((out / "status" / "ppo__CartPole-v1__1.json").read_text())["returncode"] == 130
+    assert "seed 2 (not started" in stderr and not (out / "status" / "ppo__CartPole-v1__2.json").exists()
+    assert not (out / ".stop").exists()
