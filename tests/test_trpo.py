@@ -2,6 +2,7 @@
 line search and its guards, then real runs (learning, determinism, faults)."""
 
 import math
+import sys
 import time
 
 import numpy as np
@@ -299,15 +300,23 @@ def test_same_seed_same_returns(env, tmp):
         ["--cg-damping", "-0.1"],
         ["--accept-ratio", "1.0"],
         ["--critic-minibatch-size", "100"],  # does not divide the batch of 4 * 128
-        ["--gamma", "1.5"],
+        ["--critic-epochs", "0"],
     ],
 )
-def test_bad_hyperparameters_exit_2_before_writing(flags, tmp):
-    proc = run_script("trpo", *flags, "--run-dir", str(tmp / "runs"), cwd=tmp, check=False)
+def test_bad_hyperparameters_exit_2_before_writing(flags, tmp, monkeypatch, capsys):
+    monkeypatch.chdir(tmp)
+    monkeypatch.setattr(sys, "argv", ["trpo.py", *flags, "--run-dir", str(tmp / "runs"), "--no-progress"])
+    assert trpo.cli() == 2
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and flags[0] in lines[0], lines
+    assert list(tmp.iterdir()) == []
+
+
+def test_bad_hyperparameters_exit_2_as_a_process(tmp):
+    proc = run_script("trpo", "--max-kl", "-1", "--run-dir", str(tmp / "runs"), cwd=tmp, check=False)
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
-    assert flags[0] in lines[0]
+    assert len(lines) == 1 and "--max-kl" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
     assert list(tmp.iterdir()) == []
 
 
