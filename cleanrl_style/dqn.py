@@ -56,19 +56,21 @@ class Args:
     """gymnasium environment id (Box observations, Discrete actions)"""
     seed: int = 1
     """seed of Python, numpy, torch and the environments"""
-    total_timesteps: int = 50_000
+    total_timesteps: int = 30_000
     """environment steps to train for (all envs together)"""
     num_envs: int = 1
     """N, parallel environments; each vector step stores N transitions"""
     learning_rate: float = 1e-3
     """alpha, Adam step size; 1e-4-3e-3"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to 0 over the run"""
     buffer_size: int = 100_000
     """C, replay capacity in transitions (the oldest are overwritten); 1e4-1e6"""
     gamma: float = 0.99
     """gamma, discount factor in [0, 1]"""
     tau: float = 1.0
     """tau, target update theta^- <- tau theta + (1 - tau) theta^-; 1 is a hard copy, 0.005-0.05 Polyak"""
-    target_network_frequency: int = 500
+    target_network_frequency: int = 100
     """update theta^- every this many environment steps (counted apart from --train-frequency); 1-10,000"""
     batch_size: int = 64
     """transitions per mini-batch; 32-256"""
@@ -88,7 +90,7 @@ class Args:
     """clip the global gradient norm to this value (0 disables)"""
     hidden_size: int = 128
     """width of the two ReLU hidden layers of Q (dueling: the torso and each stream)"""
-    double: bool = False
+    double: bool = True
     """Double DQN: choose a' with theta, evaluate it with theta^-"""
     dueling: bool = False
     """Dueling network: separate V and A streams after a shared torso"""
@@ -100,7 +102,7 @@ class Args:
     """beta_p at the start, annealed linearly to 1 over the run; 0.4-0.6"""
     per_eps: float = 0.01
     """eps_p, added to |delta| so that no transition has zero priority"""
-    n_step: int = 1
+    n_step: int = 3
     """n, steps of the n-step return; 1-5"""
     exp_name: str = Path(__file__).stem
     """experiment name, part of the run directory name"""
@@ -130,10 +132,10 @@ class Args:
 
 # The hyperparameters printed at start (tuned so that CartPole-v1 is solved fast).
 HYPERPARAMETERS = (
-    "total_timesteps", "num_envs", "learning_rate", "buffer_size", "gamma", "tau", "target_network_frequency",
-    "batch_size", "learning_starts", "train_frequency", "epsilon_start", "epsilon_end", "epsilon_decay_fraction",
-    "loss", "max_grad_norm", "hidden_size", "double", "dueling", "prioritized", "per_alpha", "per_beta", "per_eps",
-    "n_step",
+    "total_timesteps", "num_envs", "learning_rate", "anneal_lr", "buffer_size", "gamma", "tau",
+    "target_network_frequency", "batch_size", "learning_starts", "train_frequency", "epsilon_start", "epsilon_end",
+    "epsilon_decay_fraction", "loss", "max_grad_norm", "hidden_size", "double", "dueling", "prioritized", "per_alpha",
+    "per_beta", "per_eps", "n_step",
 )  # fmt: skip
 LOG_EVERY = 250  # environment steps between two rows of charts/* and losses/* (and the last-good-state snapshot)
 
@@ -536,6 +538,8 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
         while global_step < total and not stop.requested.is_set():
             block_end = min(total, (global_step // LOG_EVERY + 1) * LOG_EVERY)
             losses, q_means = [], []
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = (1.0 - global_step / total) * args.learning_rate
             while global_step < block_end:
                 # ---- act epsilon-greedily, step the envs, store the n-step transitions ----
                 epsilon = linear_schedule(global_step, total, args.epsilon_start, args.epsilon_end,
@@ -616,9 +620,9 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
             ):  # fmt: skip
                 writer.add_scalar(tag, value, global_step)
             monitor.update(global_step)
-            if checkpoint_due(args, global_step, last_good["global_step"]):
-                save_checkpoint(ckpt_path, checkpoint(state()))
-            last_good = state()
+            previous_step, last_good = last_good["global_step"], state()
+            if checkpoint_due(args, global_step, previous_step):
+                save_checkpoint(ckpt_path, checkpoint(last_good))
     except RunFault as e:
         monitor.close()
         print(
