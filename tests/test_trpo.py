@@ -99,7 +99,7 @@ def test_conjugate_gradient_stops_at_non_positive_curvature(bad):
 def test_full_step_meets_the_kl_model_exactly(discrete):
     """1/2 Delta^T F Delta = delta for Delta = sqrt(2 delta / x^T F x) x, with the damped F the step used (checked
     with the explicit Hessian too), and the true KL at the full step is close to delta for a small delta."""
-    agent, obs, a, logp_old, A_hat, head_old = tiny_policy(discrete, seed=1, n=64)
+    agent, obs, a, logp_old, A_hat, head_old = tiny_policy(discrete, seed=1, n=32)
     params = trpo.actor_parameters(agent)
     policy_fn = trpo.make_policy_fn(agent, obs, a, logp_old, A_hat, head_old)
     L, kl = policy_fn()
@@ -261,7 +261,7 @@ def check_trust_region_log(tags: dict, max_kl: float) -> None:
 
 
 def test_cartpole_is_solved(tmp):
-    run = train("trpo", tmp, "--total-timesteps", "61440", "--seed", "1")
+    run = train("trpo", tmp, "--total-timesteps", "40960", "--seed", "1")
     tags = scalars(run)
     assert best_mean_of_20(tags["charts/episodic_return"]) >= 475
     assert tags["eval/episodic_return"][-1][1] >= 475
@@ -278,7 +278,7 @@ def test_inverted_pendulum_learns_to_balance(tmp):
 
 @pytest.mark.parametrize("env", ["CartPole-v1", "InvertedPendulum-v5"])
 def test_same_seed_same_returns(env, tmp):
-    flags = ["--env", env, "--total-timesteps", "2048", "--num-steps", "256", "--eval-episodes", "0"]
+    flags = ["--env", env, "--total-timesteps", "1024", "--num-steps", "256", "--eval-episodes", "0"]
     logs, models = [], []
     for _ in range(2):
         run = train("trpo", tmp, *flags)
@@ -326,7 +326,9 @@ def test_nan_loss_stops_with_last_good_checkpoint(broken, tmp, monkeypatch, caps
     exit status 1 and the checkpoint of the state after the second update."""
     calls = []
     real = getattr(trpo, broken)
-    per_update = 1 if broken == "surrogate" else 10 * 4  # L with a graph once per update; 10 epochs x 4 batches
+    d = trpo.DISCRETE_DEFAULTS  # L with a graph once per update; the value loss once per critic mini-batch
+    batches = d["num_envs"] * d["num_steps"] // d["critic_minibatch_size"]
+    per_update = 1 if broken == "surrogate" else d["critic_epochs"] * batches
 
     def breaks_in_the_third_update(*a, **k):
         out = real(*a, **k)
