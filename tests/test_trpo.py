@@ -345,3 +345,20 @@ def test_nan_loss_stops_with_last_good_checkpoint(broken, tmp, monkeypatch, caps
     ckpt = torch.load(run / "trpo.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert ckpt["global_step"] == 1024 and ckpt["iteration"] == 2
+
+
+def test_resume_continues_the_run_and_the_critic_optimiser(tmp, monkeypatch):
+    monkeypatch.chdir(tmp)
+    common = dict(run_dir=str(tmp / "runs"), progress=False, eval_episodes=0)
+    assert trpo.main(trpo.Args(total_timesteps=1024, **common)) == 0
+    (run,) = list((tmp / "runs").iterdir())
+    ckpt_path = run / "trpo.pt"
+    adam_steps = torch.load(ckpt_path, weights_only=True)["optimizer"]["state"][0]["step"].item()
+    d = trpo.DISCRETE_DEFAULTS
+    per_update = d["critic_epochs"] * d["num_envs"] * d["num_steps"] // d["critic_minibatch_size"]
+    assert adam_steps == 2 * per_update
+    assert trpo.main(trpo.Args(resume=str(ckpt_path), total_timesteps=2048, **common)) == 0
+    resumed = torch.load(ckpt_path, weights_only=True)
+    assert resumed["global_step"] == 2048 and resumed["iteration"] == 4
+    assert resumed["optimizer"]["state"][0]["step"].item() == 4 * per_update
+    assert [s for s, _ in scalars(run)["charts/SPS"]] == [512, 1024, 1536, 2048]
