@@ -797,9 +797,9 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
             ]:  # fmt: skip
                 writer.add_scalar(tag, value, global_step)
             monitor.update(global_step)
-            if checkpoint_due(args, global_step, last_good["global_step"]):
-                save_checkpoint(ckpt_path, checkpoint())
-            last_good = checkpoint()
+            previous_step, last_good = last_good["global_step"], checkpoint()
+            if checkpoint_due(args, global_step, previous_step):
+                save_checkpoint(ckpt_path, last_good)
     except RunFault as e:
         monitor.close()
         print(
