@@ -77,9 +77,9 @@ class Args:
     anneal_lr: bool = True
     """anneal the learning rate linearly to 0 over the run"""
     gamma: float | None = None
-    """gamma, discount factor in [0, 1] (default: 0.99 discrete, 0.99 continuous)"""
+    """gamma, discount factor in [0, 1] (default: 0.98 discrete, 0.99 continuous)"""
     gae_lambda: float | None = None
-    """lambda of GAE in [0, 1]: 0 is TD, 1 Monte Carlo (default: 0.95 discrete, 0.95 continuous)"""
+    """lambda of GAE in [0, 1]: 0 is TD, 1 Monte Carlo (default: 0.8 discrete, 0.95 continuous)"""
     norm_adv: bool | None = None
     """normalise A_hat over the batch: (A_hat - mean) / std (default: on discrete, off continuous)"""
     ent_coef: float | None = None
@@ -129,8 +129,8 @@ DISCRETE_DEFAULTS = dict(
     num_steps=5,
     learning_rate=2e-3,
     optimizer="adam",
-    gamma=0.99,
-    gae_lambda=0.95,
+    gamma=0.98,
+    gae_lambda=0.8,
     norm_adv=True,
     ent_coef=0.0,
     norm_obs=False,
