@@ -129,7 +129,9 @@ def main(argv=None) -> int:
     parser.add_argument("--report-only", action="store_true", help="compare what has been run; run nothing")
     args = parser.parse_args(argv)
     out = (args.out or ROOT / "benchmarks" / "out" / f"pg_{args.study}").resolve()
-    command = "python -m benchmarks.pg_study " + " ".join(argv if argv is not None else sys.argv[1:])
+    # the command that runs the study (--report-only redraws the same report)
+    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
+    command = "python -m benchmarks.pg_study " + " ".join(given)
     status = 0
     try:
         if not args.report_only:
