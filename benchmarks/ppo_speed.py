@@ -145,15 +145,26 @@ def sps(args) -> str:
                 f"{args.env}__sb3-ppo__{seed}__*",
             ),
         ]:
-            _, total, tags = timed_run(cmd, args.run_dir, pattern)
-            rows.append((name, seed, float(tags["charts/SPS"][2][-1]), total))
-            print(rows[-1], flush=True)
+            rows.append(measure_sps(name, seed, cmd, args.run_dir, pattern))
+    return sps_table(rows, "ppo.py / SB3")
+
+
+def measure_sps(name: str, seed: int, cmd: list, run_dir: Path, pattern: str) -> tuple:
+    """(name, seed, training SPS of the last update, whole-process seconds) of one timed run."""
+    _, total, tags = timed_run(cmd, run_dir, pattern)
+    row = (name, seed, float(tags["charts/SPS"][2][-1]), total)
+    print(row, flush=True)
+    return row
+
+
+def sps_table(rows: list, ratio_label: str) -> str:
+    """Markdown table of measure_sps rows, the mean per implementation, and the ratio of the first to the second."""
     lines = ["| implementation | seed | training SPS | whole process s |", "|---|---|---|---|"]
     lines += [f"| {n} | {s} | {v:,.0f} | {t:.1f} |" for n, s, v, t in rows]
     means = {n: np.mean([r[2] for r in rows if r[0] == n]) for n in dict.fromkeys(r[0] for r in rows)}
     lines += [f"| **{n}: mean** | | {m:,.0f} | |" for n, m in means.items()]
-    ours, theirs = means["ppo.py (defaults)"], means["SB3 PPO (defaults)"]
-    lines.append(f"\nRatio ppo.py / SB3: **{ours / theirs:.2f}×**")
+    ours, theirs = list(means.values())[:2]
+    lines.append(f"\nRatio {ratio_label}: **{ours / theirs:.2f}×**")
     return "\n".join(lines)
 
 

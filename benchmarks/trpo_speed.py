@@ -13,10 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.machine import stamp
-from benchmarks.ppo_speed import ROOT, timed_run
+from benchmarks.ppo_speed import ROOT, measure_sps, sps_table
 
 SB3_CONTRIB_DEFAULTS = [
     "--num-envs", "1", "--num-steps", "2048", "--cg-iters", "15", "--cg-damping", "0.1", "--critic-epochs", "10",
@@ -44,16 +42,8 @@ def sps(args) -> str:
                 f"{args.env}__sb3-trpo__{seed}__*",
             ),
         ]:
-            _, total, tags = timed_run(cmd, args.run_dir, pattern)
-            rows.append((name, seed, float(tags["charts/SPS"][2][-1]), total))
-            print(rows[-1], flush=True)
-    lines = ["| implementation | seed | training SPS | whole process s |", "|---|---|---|---|"]
-    lines += [f"| {n} | {s} | {v:,.0f} | {t:.1f} |" for n, s, v, t in rows]
-    means = {n: np.mean([r[2] for r in rows if r[0] == n]) for n in dict.fromkeys(r[0] for r in rows)}
-    lines += [f"| **{n}: mean** | | {m:,.0f} | |" for n, m in means.items()]
-    ours, theirs = means.values()
-    lines.append(f"\nRatio trpo.py / sb3-contrib: **{ours / theirs:.2f}×**")
-    return "\n".join(lines)
+            rows.append(measure_sps(name, seed, cmd, args.run_dir, pattern))
+    return sps_table(rows, "trpo.py / sb3-contrib")
 
 
 def main() -> None:
