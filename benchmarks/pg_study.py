@@ -137,6 +137,8 @@ def main(argv=None) -> int:
         if not args.report_only:
             for path in variant_files(args.study):
                 status = max(status, sweep(load_suite(str(path)), out / path.stem, args.workers))
+                if status == 130:  # interrupted: run no further variant; the same command resumes the study
+                    return status
         print(f"report: {compare(args.study, out, command)}")
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
