@@ -470,7 +470,7 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
     N, T = args.num_envs, args.num_steps
     batch_size = N * T
     num_iterations = args.total_timesteps // batch_size
-    if num_iterations * batch_size != args.total_timesteps:
+    if "total_timesteps" in given and num_iterations * batch_size != args.total_timesteps:  # a budget the user chose
         print(f"note: training {num_iterations * batch_size} steps, whole rollouts of N*T = {batch_size} steps")
     seed_everything(args.seed, args.torch_deterministic)
     torch.set_num_threads(args.threads)
