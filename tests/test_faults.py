@@ -158,13 +158,27 @@ def bad_flags(tmp) -> dict:
     }
 
 
-@pytest.mark.parametrize("name", TRAINING_SCRIPTS)
-def test_bad_input_gives_one_line_and_exit_2_writing_nothing(name, tmp):
+def test_bad_input_gives_one_line_and_exit_2_writing_nothing(tmp):
+    """As a user runs it, in its own process (the other scripts: in-process below, through the same cli())."""
     for case, flags in bad_flags(tmp).items():
         before = sorted(tmp.rglob("*"))
-        proc = run_script(name, *flags, *(["--run-dir", str(tmp / "runs")] if "--run-dir" not in flags else []),
+        proc = run_script("ppo", *flags, *(["--run-dir", str(tmp / "runs")] if "--run-dir" not in flags else []),
                           cwd=tmp, check=False)  # fmt: skip
         assert_one_error_line(proc)
+        assert sorted(tmp.rglob("*")) == before, case
+
+
+@pytest.mark.parametrize("name", TRAINING_SCRIPTS)
+def test_bad_input_through_cli_gives_one_line_and_exit_2_writing_nothing(name, tmp, monkeypatch, capsys):
+    module = load(name)
+    monkeypatch.chdir(tmp)
+    for case, flags in bad_flags(tmp).items():
+        before = sorted(tmp.rglob("*"))
+        run_dir = ["--run-dir", str(tmp / "runs")] if "--run-dir" not in flags else []
+        monkeypatch.setattr(sys, "argv", [f"{name}.py", *flags, *run_dir])
+        assert module.cli() == 2, case
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("error:"), (case, err)
         assert sorted(tmp.rglob("*")) == before, case
 
 
