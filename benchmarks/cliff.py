@@ -25,7 +25,8 @@ from benchmarks.events import load_scalars  # noqa: E402
 from benchmarks.machine import stamp
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = [
+# Sutton & Barto, Example 6.6: constant alpha 0.5 and epsilon 0.1, gamma 1 (tests/test_tabular.py uses them too)
+BOOK_SETTINGS = [
     "--alpha",
     "0.5",
     "--alpha-end",
@@ -36,12 +37,8 @@ FLAGS = [
     "0.1",
     "--gamma",
     "1.0",
-    "--total-timesteps",
-    "30000",
-    "--eval-episodes",
-    "1",
-    "--no-progress",
 ]
+FLAGS = [*BOOK_SETTINGS, "--total-timesteps", "30000", "--eval-episodes", "1", "--no-progress"]
 METHODS = {"Q-learning": ("q_learning", []), "SARSA": ("sarsa", []), "Expected SARSA": ("sarsa", ["--expected"])}
 EPISODES = 500
 

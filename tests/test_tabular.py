@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import run_script, scalars, train
 
+from benchmarks.cliff import BOOK_SETTINGS
 from cleanrl_style import q_learning, sarsa
 
 
@@ -116,24 +117,7 @@ def test_taxi_reaches_the_optimal_return(script, flags, tmp):
 
 def test_cliff_walking_classic_result(tmp):
     """Sutton & Barto Example 6.6: alpha 0.5, epsilon 0.1 constant, gamma 1, 500 episodes."""
-    flags = [
-        "--alpha",
-        "0.5",
-        "--alpha-end",
-        "0.5",
-        "--epsilon-start",
-        "0.1",
-        "--epsilon-end",
-        "0.1",
-        "--gamma",
-        "1.0",
-        "--total-timesteps",
-        "15000",
-        "--eval-episodes",
-        "1",
-        "--seed",
-        "1",
-    ]
+    flags = [*BOOK_SETTINGS, "--total-timesteps", "15000", "--eval-episodes", "1", "--seed", "1"]
     q = scalars(train("q_learning", tmp, *flags))
     s = scalars(train("sarsa", tmp, *flags))
     assert q["eval/episodic_return"][-1][1] == -13.0  # the optimal path, along the cliff
