@@ -34,7 +34,7 @@ class Args:
     total_timesteps: int | None = None
     """environment steps (default: 100,000 discrete actions, 1,000,000 continuous)"""
     zoo: bool = False
-    """rl-zoo3's tuned hyperparameters (CartPole-v1: PPO, DQN) instead of SB3's defaults"""
+    """rl-zoo3's tuned hyperparameters (CartPole-v1: PPO, DQN; MuJoCo: TRPO, A2C) instead of SB3's defaults"""
     eval_episodes: int = 10
     """deterministic evaluation episodes at the end"""
     run_dir: str = "runs"
@@ -74,6 +74,26 @@ ZOO = {
         policy_kwargs=dict(net_arch=[256, 256]),
     ),
 }
+# rl-zoo3 hyperparams/trpo.yml, the MuJoCo entries (written there for v4; the same for v5). normalize: VecNormalize
+# of observations and rewards (rl-zoo3's defaults, its gamma the algorithm's); evaluation uses the frozen obs stats.
+_TRPO_MUJOCO = dict(
+    normalize=True,
+    n_envs=2,
+    batch_size=128,
+    n_steps=1024,
+    gamma=0.99,
+    gae_lambda=0.95,
+    sub_sampling_factor=1,
+    cg_max_steps=25,
+    cg_damping=0.1,
+    n_critic_updates=20,
+    learning_rate=1e-3,
+)
+# rl-zoo3 hyperparams/a2c.yml, the MuJoCo entries: SB3's A2C defaults (1 env, 5 steps, RMSprop 7e-4) and VecNormalize
+_A2C_MUJOCO = dict(normalize=True, n_envs=1)
+for _env in ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5"):
+    ZOO["trpo", _env] = dict(_TRPO_MUJOCO, **({"target_kl": 0.04} if _env == "HalfCheetah-v5" else {}))
+    ZOO["a2c", _env] = dict(_A2C_MUJOCO)
 LINEAR = {("ppo", "CartPole-v1"): ("learning_rate", "clip_range")}  # the entries' lin_ schedules
 
 
@@ -82,6 +102,7 @@ def main(args: Args) -> int:
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.evaluation import evaluate_policy
+    from stable_baselines3.common.vec_env import VecNormalize
 
     try:
         gym.spec(args.env)
@@ -95,13 +116,14 @@ def main(args: Args) -> int:
     torch.set_num_threads(args.threads)
     discrete = isinstance(gym.make(args.env).action_space, gym.spaces.Discrete)
     total = args.total_timesteps or (100_000 if discrete else 1_000_000)
-    hp, n_envs = {}, 1
+    hp, n_envs, normalize = {}, 1, False
     if args.zoo:
         if (args.algo, args.env) not in ZOO:
             print(f"error: no rl-zoo3 hyperparameters here for {args.algo} on {args.env}", file=sys.stderr)
             return 2
         hp = dict(ZOO[(args.algo, args.env)])
         n_envs = hp.pop("n_envs")
+        normalize = hp.pop("normalize", False)
         for k in LINEAR.get((args.algo, args.env), ()):
             if k in hp:
                 hp[k] = (lambda v: lambda f: f * v)(hp[k])
@@ -122,13 +144,19 @@ def main(args: Args) -> int:
             return True
 
     env = make_vec_env(args.env, n_envs=n_envs, seed=args.seed)
+    if normalize:
+        env = VecNormalize(env, gamma=hp.get("gamma", 0.99))
     model = Algo("MlpPolicy", env, seed=args.seed, device="cpu", verbose=0, **hp)
     t0 = time.time()
     model.learn(total, callback=Log())
     writer.add_scalar("charts/SPS", model.num_timesteps / (time.time() - t0), model.num_timesteps)
     if args.eval_episodes > 0:
-        eval_env = gym.make(args.env)
-        eval_env.reset(seed=args.seed)
+        if normalize:  # the policy sees normalised observations: evaluate through the training statistics, frozen
+            eval_env = VecNormalize(make_vec_env(args.env, n_envs=1, seed=args.seed), training=False, norm_reward=False)
+            eval_env.obs_rms = env.obs_rms
+        else:
+            eval_env = gym.make(args.env)
+            eval_env.reset(seed=args.seed)
         returns, _ = evaluate_policy(
             model, eval_env, n_eval_episodes=args.eval_episodes, deterministic=True, return_episode_rewards=True
         )
