@@ -109,6 +109,9 @@ class Args:
     """make cuDNN deterministic"""
     threads: int = 1
     """torch CPU threads"""
+    compile: bool = False
+    """torch.compile the mini-batch loss (its forward and backward): faster updates after a one-off compilation
+    of ~30-40 s (cached on disk for later runs); the same computation as without"""
     capture_video: bool = False
     """record videos of env 0 and of the final evaluation under --video-dir/{run_name}"""
     save_model: bool = True
@@ -298,21 +301,54 @@ class Agent(nn.Module):
             return categorical_kl(head_old, head)
         return gaussian_kl(*head_old.chunk(2, -1), *head.chunk(2, -1))
 
-    def act(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The rollout's step: a ~ pi_theta(.|s), log pi_theta(a|s) and V(s), with as few operations as
-        possible (for a Gaussian, a = mu + sigma * z and log pi = sum(-z^2/2 - log sigma - log(2 pi)/2))."""
-        if self.discrete:
-            logp_all = F.log_softmax(self.actor(s), -1)
-            a = torch.multinomial(logp_all.exp(), 1)
-            return a.squeeze(-1), logp_all.gather(-1, a).squeeze(-1), self.value(s)
-        mu = self.actor(s)
-        z = torch.randn_like(mu)
-        a = mu + self.actor_logstd.exp() * z
-        return a, (-0.5 * z**2 - self.actor_logstd - 0.5 * LOG_2PI).sum(-1), self.value(s)
-
     def mode(self, head: torch.Tensor) -> torch.Tensor:
         """The deterministic action: argmax of the logits, or the mean mu."""
         return head.argmax(-1) if self.discrete else head.chunk(2, -1)[0]
+
+
+class RolloutPolicy:
+    """pi_theta and V_phi for the rollout, in numpy, from a snapshot of the agent's weights.
+
+    The same functions as Agent.head and Agent.value (tests check that log pi and V agree with them to
+    float32 rounding), without PyTorch's per-operation overhead: one observation through 64-unit layers
+    is ~30 us here against ~170 us for the same forward pass in torch. The snapshot does not follow the
+    parameters: take a new one after every update. a ~ pi_theta(.|s) draws from `rng`."""
+
+    def __init__(self, agent: Agent, rng: np.random.Generator):
+        def weights(net: nn.Sequential) -> list:
+            return [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy())
+                    for m in net if isinstance(m, nn.Linear)]  # fmt: skip
+
+        self.discrete, self.rng = agent.discrete, rng
+        self.actor, self.critic = weights(agent.actor), weights(agent.critic)
+        if not agent.discrete:
+            self.log_std = agent.actor_logstd.detach().cpu().numpy().copy()
+            self.std = np.exp(self.log_std)
+
+    @staticmethod
+    def mlp(x: np.ndarray, layers: list) -> np.ndarray:
+        """tanh hidden layers, linear output: the forward pass of mlp()."""
+        for W, b in layers[:-1]:
+            x = np.tanh(x @ W + b)
+        W, b = layers[-1]
+        return x @ W + b
+
+    def value(self, s: np.ndarray) -> np.ndarray:
+        """V_phi(s)."""
+        return self.mlp(s, self.critic)[:, 0]
+
+    def act(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rollout's step: a ~ pi_theta(.|s), log pi_theta(a|s) and V(s). Discrete: a by the inverse CDF
+        of softmax(logits); Gaussian: a = mu + sigma z and log pi = sum(-z^2/2 - log sigma - log(2 pi)/2)."""
+        out = self.mlp(s, self.actor)
+        if self.discrete:
+            logp_all = out - out.max(-1, keepdims=True)
+            logp_all -= np.log(np.exp(logp_all).sum(-1, keepdims=True))
+            u = self.rng.random((len(out), 1), dtype=np.float32)
+            a = np.minimum((np.exp(logp_all).cumsum(-1) < u).sum(-1), out.shape[-1] - 1)
+            return a, logp_all[np.arange(len(a)), a], self.value(s)
+        z = self.rng.standard_normal(out.shape, dtype=np.float32)
+        return out + self.std * z, (-0.5 * z**2 - self.log_std - np.float32(0.5 * LOG_2PI)).sum(-1), self.value(s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,6 +419,32 @@ def explained_variance(V: np.ndarray, G: np.ndarray) -> float:
 # ----------------------------------------------------------------------------------------------
 # Arguments and evaluation
 # ----------------------------------------------------------------------------------------------
+
+
+def minibatch_loss(agent: Agent, args: Args, s, a, logp_old, A_hat, G, V_old, head_old, beta: torch.Tensor):
+    """The loss of one mini-batch, -L^{CLIP or KL} + c1 1/2 (V_phi(s_t) - G_t)^2 - c2 H, its two parts, and the
+    diagnostics the loop logs of it: [k1, k3, clip fraction]. One function so that --compile can compile it
+    whole (beta is a tensor so that a new value does not recompile it)."""
+    head = agent.head(s)
+    log_rho = agent.log_prob(head, a) - logp_old
+    rho = log_rho.exp()
+    with torch.no_grad():
+        diagnostics = torch.stack(
+            [kl_k1(log_rho).mean(), kl_k3(log_rho).mean(), ((rho - 1.0).abs() > args.clip_eps).float().mean()]
+        )
+    if args.loss == "clip":
+        pg_loss = -clip_objective(rho, A_hat, args.clip_eps).mean()
+    else:
+        if args.kl_estimator == "exact":
+            kl = agent.kl(head_old, head)
+        else:
+            kl = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}[args.kl_estimator](log_rho)
+        pg_loss = -(rho * A_hat).mean() + beta * kl.mean()
+    v_loss = value_loss(agent.value(s), G, V_old, args.clip_eps if args.clip_vloss else None)
+    loss = pg_loss + args.vf_coef * v_loss
+    if args.ent_coef != 0:  # the bonus -c2 H (left out of the graph, not multiplied by 0, when c2 = 0)
+        loss = loss - args.ent_coef * agent.entropy(head).mean()
+    return loss, pg_loss, v_loss, diagnostics
 
 
 def resolve_args(args: Args, discrete: bool) -> Args:
@@ -511,6 +573,7 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
     except RuntimeError as e:  # out of memory for the networks asked for
         raise UsageError(f"cannot build the networks (--hidden-size {args.hidden_size}): {first_line(e)}") from None
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    loss_fn = torch.compile(minibatch_loss) if args.compile else minibatch_loss
     obs_rms = RunningMeanStd(obs_dim) if args.norm_obs else None
     ret_rms = RunningMeanStd(()) if args.norm_reward else None
     beta, global_step, iteration = args.beta, 0, 0
@@ -526,7 +589,7 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
 
     def checkpoint() -> dict:
         """The whole state of the run, copied (so that it stays the state of this moment)."""
-        return copy.deepcopy({
+        return snapshot({
             "format_version": CHECKPOINT_FORMAT, "algorithm": ALGORITHM, "env_id": args.env,
             "args": dataclasses.asdict(args), "global_step": global_step, "iteration": iteration,
             "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "beta": beta,
@@ -558,6 +621,7 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
     next_obs, _ = envs.reset(seed=[args.seed + global_step + i for i in range(N)])
     if obs_rms is not None:
         obs_rms.update(next_obs)
+    rng = np.random.default_rng((args.seed, global_step))  # the rollout's action noise (a resumed run: a new stream)
     discounted = np.zeros(N)  # running discounted return, for the reward scale
     ep_return, ep_length = np.zeros(N), np.zeros(N, np.int64)
     monitor = Monitor(writer, args, global_step)
@@ -569,13 +633,11 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
                 optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1) / num_iterations) * args.learning_rate
 
             # ---- rollout with pi_old ----
+            pi_old = RolloutPolicy(agent, rng)
             for t in range(T):
                 s = normalize_obs(next_obs, obs_rms)
                 obs[t] = s
-                with torch.inference_mode():
-                    a, logp, V = agent.act(torch.as_tensor(s, device=device))
-                logp_old[t], values[t] = logp.cpu().numpy(), V.cpu().numpy()
-                a = a.cpu().numpy()
+                a, logp_old[t], values[t] = pi_old.act(s)
                 actions[t] = a
                 env_a = a if discrete else np.clip(a, act_space.low, act_space.high)
                 next_obs, r, term, trunc, infos = envs.step(env_a)
@@ -595,13 +657,11 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
                 if truncated_only[t].any():
                     idx = np.nonzero(truncated_only[t])[0]
                     s_final = normalize_obs(np.stack(infos["final_obs"][idx]), obs_rms)
-                    with torch.inference_mode():
-                        V_final[t, idx] = agent.value(torch.as_tensor(s_final, device=device)).cpu().numpy()
+                    V_final[t, idx] = pi_old.value(s_final)
                 for i in np.nonzero(done)[0]:
                     monitor.episode(ep_return[i], ep_length[i], global_step)
                     ep_return[i], ep_length[i] = 0.0, 0
-            with torch.inference_mode():
-                V_last = agent.value(torch.as_tensor(normalize_obs(next_obs, obs_rms), device=device)).cpu().numpy()
+            V_last = pi_old.value(normalize_obs(next_obs, obs_rms))
 
             # ---- advantages and returns ----
             V_next = np.concatenate([values[1:], V_last[None]], 0)
@@ -619,6 +679,7 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
                 b_A = (b_A - b_A.mean()) / (b_A.std() + 1e-8)
             with torch.no_grad():
                 b_head_old = agent.head(b_obs)
+            beta_t = torch.tensor(beta, device=device)
 
             # ---- update: epochs over shuffled mini-batches ----
             diagnostics = []  # per mini-batch: k1, k3, clip fraction
@@ -627,34 +688,14 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
                 perm = torch.randperm(batch_size, device=device)
                 for start in range(0, batch_size, args.minibatch_size):
                     mb = perm[start : start + args.minibatch_size]
-                    head = agent.head(b_obs[mb])
-                    log_rho = agent.log_prob(head, b_actions[mb]) - b_logp_old[mb]
-                    rho = log_rho.exp()
-                    with torch.no_grad():
-                        diagnostics.append(
-                            torch.stack([
-                                kl_k1(log_rho).mean(), kl_k3(log_rho).mean(),
-                                ((rho - 1.0).abs() > args.clip_eps).float().mean(),
-                            ])
-                        )  # fmt: skip
-                    if args.target_kl is not None and diagnostics[-1][1].item() > args.target_kl:
+                    loss, pg_loss, v_loss, mb_diagnostics = loss_fn(
+                        agent, args, b_obs[mb], b_actions[mb], b_logp_old[mb], b_A[mb], b_G[mb], b_V[mb],
+                        b_head_old[mb], beta_t,
+                    )  # fmt: skip
+                    diagnostics.append(mb_diagnostics)
+                    if args.target_kl is not None and mb_diagnostics[1].item() > args.target_kl:
                         early_stop = True
                         break
-                    A_mb = b_A[mb]
-                    if args.loss == "clip":
-                        pg_loss = -clip_objective(rho, A_mb, args.clip_eps).mean()
-                    else:
-                        if args.kl_estimator == "exact":
-                            kl = agent.kl(b_head_old[mb], head)
-                        else:
-                            kl = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}[args.kl_estimator](log_rho)
-                        pg_loss = -(rho * A_mb).mean() + beta * kl.mean()
-                    v_loss = value_loss(
-                        agent.value(b_obs[mb]), b_G[mb], b_V[mb], args.clip_eps if args.clip_vloss else None
-                    )
-                    loss = pg_loss + args.vf_coef * v_loss
-                    if args.ent_coef != 0:  # the bonus -c2 H (left out of the graph, not multiplied by 0, when c2 = 0)
-                        loss = loss - args.ent_coef * agent.entropy(head).mean()
                     if not torch.isfinite(loss):
                         losses = f"policy {pg_loss.item()}, value {v_loss.item()}"
                         raise RunFault(f"non-finite loss at global step {global_step} ({losses})")
@@ -714,7 +755,7 @@ CHECKPOINT_FORMAT = 1
 RECENT_EPISODES = 20  # the progress bar shows the mean return of this many recent training episodes
 # Flags a resumed run takes from the command line, and flags it may change (a longer run, another evaluation);
 # every other flag must agree with the checkpoint's saved value.
-RESUME_FROM_COMMAND_LINE = ("resume", "device", "progress", "threads")
+RESUME_FROM_COMMAND_LINE = ("resume", "device", "progress", "threads", "compile")
 RESUME_MAY_CHANGE = ("total_timesteps", "eval_episodes", "capture_video", "video_dir", "save_model", "checkpoint_every")
 
 
@@ -925,6 +966,24 @@ class Monitor:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def snapshot(state):
+    """A copy of a run's state that later training cannot change: tensors cloned, arrays copied, dicts, lists and
+    tuples rebuilt, anything else deep-copied. The same as copy.deepcopy, ~20x faster on tensors (A2C takes one
+    after every update of a few dozen steps)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, np.ndarray):
+        return state.copy()
+    if isinstance(state, dict):  # the same kind of dict (a state_dict's OrderedDict keeps its _metadata)
+        out = copy.copy(state)
+        for k, v in state.items():
+            out[k] = snapshot(v)
+        return out
+    if type(state) in (list, tuple):
+        return type(state)(snapshot(v) for v in state)
+    return copy.deepcopy(state)
 
 
 def checkpoint_due(args, global_step: int, saved_step: int) -> bool:

@@ -22,6 +22,7 @@ Run:
 """
 
 import collections
+import copy
 import dataclasses
 import json
 import math
@@ -419,7 +420,7 @@ CHECKPOINT_FORMAT = 1
 RECENT_EPISODES = 20  # the progress bar shows the mean return of this many recent training episodes
 # Flags a resumed run takes from the command line, and flags it may change (a longer run, another evaluation);
 # every other flag must agree with the checkpoint's saved value.
-RESUME_FROM_COMMAND_LINE = ("resume", "device", "progress", "threads")
+RESUME_FROM_COMMAND_LINE = ("resume", "device", "progress", "threads", "compile")
 RESUME_MAY_CHANGE = ("total_timesteps", "eval_episodes", "capture_video", "video_dir", "save_model", "checkpoint_every")
 
 
@@ -630,6 +631,24 @@ class Monitor:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def snapshot(state):
+    """A copy of a run's state that later training cannot change: tensors cloned, arrays copied, dicts, lists and
+    tuples rebuilt, anything else deep-copied. The same as copy.deepcopy, ~20x faster on tensors (A2C takes one
+    after every update of a few dozen steps)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, np.ndarray):
+        return state.copy()
+    if isinstance(state, dict):  # the same kind of dict (a state_dict's OrderedDict keeps its _metadata)
+        out = copy.copy(state)
+        for k, v in state.items():
+            out[k] = snapshot(v)
+        return out
+    if type(state) in (list, tuple):
+        return type(state)(snapshot(v) for v in state)
+    return copy.deepcopy(state)
 
 
 def checkpoint_due(args, global_step: int, saved_step: int) -> bool:

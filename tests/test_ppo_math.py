@@ -1,5 +1,6 @@
 """PPO's math against the notes' worked example, brute force and torch.distributions."""
 
+import copy
 import math
 
 import numpy as np
@@ -202,21 +203,90 @@ def test_explained_variance():
 
 
 @pytest.mark.parametrize("discrete", [True, False])
-def test_act_samples_the_policy_and_its_log_prob(discrete):
+def test_rollout_policy_samples_the_policy_and_its_log_prob(discrete):
+    """The rollout's numpy forward pass: the log pi it stores is the update's log pi (Agent.head and
+    log_prob in torch) of the action it took, V is Agent.value, and the actions follow pi_theta(.|s)."""
     torch.manual_seed(0)
-    agent = ppo.Agent(obs_dim=3, act_dim=2, discrete=discrete)
-    if not discrete:
-        agent.actor_logstd.data = torch.tensor([-0.5, 0.3])
-    s = torch.randn(1, 3).expand(20_000, 3)
+    agent = ppo.Agent(obs_dim=3, act_dim=3 if discrete else 2, discrete=discrete)
     with torch.no_grad():
-        a, logp, V = agent.act(s)
-        head = agent.head(s)
-        torch.testing.assert_close(logp, agent.log_prob(head, a))  # the same log pi as the update uses
-        torch.testing.assert_close(V, agent.value(s))
-        if discrete:
-            freq = torch.bincount(a, minlength=2).float() / len(a)
-            torch.testing.assert_close(freq, head[0].softmax(-1), atol=0.015, rtol=0)
-        else:
-            mu, log_std = head[0].chunk(2)
-            torch.testing.assert_close(a.mean(0), mu, atol=0.03, rtol=0)
-            torch.testing.assert_close(a.std(0), log_std.exp(), atol=0.03, rtol=0)
+        agent.actor[-1].weight.normal_(0.0, 0.5)  # a policy far from uniform (the init's output layer is tiny)
+        if not discrete:
+            agent.actor_logstd.copy_(torch.tensor([-0.5, 0.3]))
+    s = np.random.default_rng(0).standard_normal((20_000, 3)).astype(np.float32)
+    s[:10_000] = s[0]  # half the batch one state, to compare frequencies with pi(.|s)
+    a, logp, V = ppo.RolloutPolicy(agent, np.random.default_rng(1)).act(s)
+    assert logp.dtype == V.dtype == np.float32
+    with torch.no_grad():
+        head = agent.head(torch.as_tensor(s))
+        np.testing.assert_allclose(logp, agent.log_prob(head, torch.as_tensor(a)).numpy(), atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(V, agent.value(torch.as_tensor(s)).numpy(), atol=2e-6, rtol=1e-5)
+    if discrete:
+        freq = np.bincount(a[:10_000], minlength=3) / 10_000
+        np.testing.assert_allclose(freq, head[0].softmax(-1).numpy(), atol=0.015)
+        assert len(np.unique(a[:10_000])) == 3
+    else:
+        mu, log_std = head[0].chunk(2)
+        np.testing.assert_allclose(a[:10_000].mean(0), mu.numpy(), atol=0.03)
+        np.testing.assert_allclose(a[:10_000].std(0), log_std.exp().numpy(), atol=0.03)
+
+
+def test_rollout_policy_is_a_snapshot():
+    """The numpy copy keeps the weights it was taken with: the loop takes a new one after each update."""
+    agent = ppo.Agent(obs_dim=3, act_dim=2, discrete=False)
+    pi = ppo.RolloutPolicy(agent, np.random.default_rng(0))
+    s = np.ones((1, 3), np.float32)
+    V_before = pi.value(s)
+    with torch.no_grad():
+        agent.critic[-1].bias.add_(1.0)
+    np.testing.assert_array_equal(pi.value(s), V_before)
+    np.testing.assert_allclose(ppo.RolloutPolicy(agent, np.random.default_rng(0)).value(s), V_before + 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["clip", "kl"])
+def test_compiled_minibatch_loss_is_the_eager_one(loss):
+    """--compile: torch.compile of minibatch_loss computes the same loss, diagnostics and gradients as the
+    eager function (to float32 rounding; inductor fuses and reorders the arithmetic)."""
+    torch.manual_seed(0)
+    args = ppo.resolve_args(ppo.Args(env="Pendulum-v1", loss=loss, ent_coef=0.01, clip_vloss=True), discrete=False)
+    agent = ppo.Agent(obs_dim=5, act_dim=2, discrete=False)
+    B = 64
+    s, a = torch.randn(B, 5), torch.randn(B, 2)
+    with torch.no_grad():
+        head_old = agent.head(s)
+    logp_old = agent.log_prob(head_old, a) + 0.3 * torch.randn(B)  # rho away from 1, some of it clipped
+    A_hat, G, V_old = torch.randn(B), torch.randn(B), torch.randn(B)
+
+    def outputs_and_grads(fn, beta):
+        agent.zero_grad()
+        out = fn(agent, args, s, a, logp_old, A_hat, G, V_old, head_old, torch.tensor(beta))
+        out[0].backward()
+        return [o.detach().clone() for o in out] + [p.grad.clone() for p in agent.parameters()]
+
+    compiled = torch.compile(ppo.minibatch_loss)
+    for beta in [1.0, 0.5]:  # a new beta is a new tensor value, not a new program
+        eager = outputs_and_grads(ppo.minibatch_loss, beta)
+        assert eager[3][2] > 0  # some ratios were clipped
+        for x, y in zip(outputs_and_grads(compiled, beta), eager):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+
+
+def test_snapshot_is_an_independent_copy():
+    """The last good state (plumbing's snapshot): training after it changes nothing in it, and it holds what
+    copy.deepcopy would."""
+    agent = ppo.Agent(obs_dim=3, act_dim=2, discrete=False)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=0.1)
+    agent.value(torch.ones(4, 3)).sum().backward()
+    optimizer.step()
+    rms = ppo.RunningMeanStd(3)
+    rms.update(np.ones((2, 3)))
+    state = {"model": agent.state_dict(), "optimizer": optimizer.state_dict(), "obs_rms": rms.state_dict(), "step": 7}
+    snap, reference = ppo.snapshot(state), copy.deepcopy(state)
+    optimizer.step()  # moves the parameters and Adam's moments in place
+    rms.update(np.zeros((5, 3)))
+    with torch.no_grad():
+        agent.actor_logstd.add_(1.0)
+    assert not torch.equal(agent.actor_logstd, reference["model"]["actor_logstd"])
+    torch.testing.assert_close(snap["model"], reference["model"], rtol=0, atol=0)
+    torch.testing.assert_close(snap["optimizer"]["state"], reference["optimizer"]["state"], rtol=0, atol=0)
+    assert snap["optimizer"]["param_groups"] == reference["optimizer"]["param_groups"] and snap["step"] == 7
+    torch.testing.assert_close(snap["obs_rms"], reference["obs_rms"], rtol=0, atol=0)

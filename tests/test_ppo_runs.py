@@ -21,9 +21,10 @@ def best_mean_of_20(returns: list) -> float:
     return max(r[i - 20 : i].mean() for i in range(20, len(r) + 1))
 
 
-@pytest.mark.parametrize("loss", ["clip", "kl"])
-def test_cartpole_is_solved(loss, tmp):
-    run = train("ppo", tmp, "--loss", loss, "--total-timesteps", "50000", "--seed", "1")
+@pytest.mark.parametrize("loss,compile", [("clip", False), ("kl", False), ("clip", True)])
+def test_cartpole_is_solved(loss, compile, tmp):
+    flags = ["--loss", loss, "--total-timesteps", "50000", "--seed", "1"] + (["--compile"] if compile else [])
+    run = train("ppo", tmp, *flags)
     tags = scalars(run)
     assert best_mean_of_20(tags["charts/episodic_return"]) >= 475
     assert tags["eval/episodic_return"][-1][1] >= 475

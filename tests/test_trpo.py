@@ -23,9 +23,11 @@ def tiny_policy(discrete: bool, seed: int = 0, n: int = 16):
         if not discrete:
             agent.actor_logstd.copy_(torch.tensor([-0.3, 0.4]))
     obs = torch.randn(n, 3, dtype=torch.float64)
+    a, _, _ = trpo.RolloutPolicy(agent, np.random.default_rng(seed)).act(obs.numpy())
+    a = torch.as_tensor(a)
     with torch.no_grad():
         head_old = agent.head(obs)
-        a, logp_old, _ = agent.act(obs)
+        logp_old = agent.log_prob(head_old, a)  # in float64, as the update recomputes it
     A_hat = torch.randn(n, dtype=torch.float64)
     return agent, obs, a, logp_old, A_hat, head_old
 
