@@ -4,7 +4,10 @@
         whole-process wall-clock seconds and env steps until the mean of the last 20 episodes reaches
         475 on CartPole-v1: ppo.py with default flags, SB3 PPO with rl-zoo3's tuned hyperparameters.
     python -m benchmarks.ppo_speed sps --env HalfCheetah-v5 --steps 40960
-        training steps per second, default continuous flags beside SB3's defaults, one torch thread each.
+        training steps per second, default continuous flags (eager, and with --compile) beside SB3's
+        defaults, one torch thread each. "training SPS": env steps over the seconds of training, the first
+        update (and so --compile's compilation) included; "after the first update": from the end of the
+        first update to the end of the last, the steady rate of a long run.
 
 Runs go one at a time, ours and SB3's alternating, so both see the same machine load. Prints a
 markdown table; --out also writes it (with the command, the date and the machine) to a file.
@@ -103,27 +106,12 @@ def cartpole(args) -> str:
 
 def sps(args) -> str:
     rows = []
+    ours = [sys.executable, "cleanrl_style/ppo.py", "--env", args.env, "--total-timesteps", str(args.steps)]
+    ours += ["--no-progress", "--eval-episodes", "0", "--run-dir", str(args.run_dir)]
     for seed in args.seeds:
         for name, cmd, pattern in [
-            (
-                "ppo.py (defaults)",
-                [
-                    sys.executable,
-                    "cleanrl_style/ppo.py",
-                    "--env",
-                    args.env,
-                    "--seed",
-                    str(seed),
-                    "--total-timesteps",
-                    str(args.steps),
-                    "--no-progress",
-                    "--eval-episodes",
-                    "0",
-                    "--run-dir",
-                    str(args.run_dir),
-                ],
-                f"{args.env}__ppo__{seed}__*",
-            ),
+            ("ppo.py (defaults)", ours + ["--seed", str(seed)], f"{args.env}__ppo__{seed}__*"),
+            ("ppo.py --compile", ours + ["--seed", str(seed), "--compile"], f"{args.env}__ppo__{seed}__*"),
             (
                 "SB3 PPO (defaults)",
                 [
@@ -146,25 +134,38 @@ def sps(args) -> str:
             ),
         ]:
             rows.append(measure_sps(name, seed, cmd, args.run_dir, pattern))
-    return sps_table(rows, "ppo.py / SB3")
+    return sps_table(rows, "one thread each")
 
 
 def measure_sps(name: str, seed: int, cmd: list, run_dir: Path, pattern: str) -> tuple:
-    """(name, seed, training SPS of the last update, whole-process seconds) of one timed run."""
+    """(name, seed, training SPS of the last update, SPS after the first update or None, whole-process seconds)
+    of one timed run. The second comes from the wall times of our charts/SPS events (one per update); SB3
+    logs charts/SPS once, at the end."""
     _, total, tags = timed_run(cmd, run_dir, pattern)
-    row = (name, seed, float(tags["charts/SPS"][2][-1]), total)
+    steps, walls, values = tags["charts/SPS"]
+    steady = float((steps[-1] - steps[0]) / (walls[-1] - walls[0])) if len(steps) > 1 else None
+    row = (name, seed, float(values[-1]), steady, total)
     print(row, flush=True)
     return row
 
 
 def sps_table(rows: list, ratio_label: str) -> str:
-    """Markdown table of measure_sps rows, the mean per implementation, and the ratio of the first to the second."""
-    lines = ["| implementation | seed | training SPS | whole process s |", "|---|---|---|---|"]
-    lines += [f"| {n} | {s} | {v:,.0f} | {t:.1f} |" for n, s, v, t in rows]
-    means = {n: np.mean([r[2] for r in rows if r[0] == n]) for n in dict.fromkeys(r[0] for r in rows)}
-    lines += [f"| **{n}: mean** | | {m:,.0f} | |" for n, m in means.items()]
-    ours, theirs = list(means.values())[:2]
-    lines.append(f"\nRatio {ratio_label}: **{ours / theirs:.2f}×**")
+    """Markdown table of measure_sps rows, the mean per implementation, and the ratio of each of ours (all but
+    the last implementation) to the last, the peer's."""
+    lines = [
+        "| implementation | seed | training SPS | after the first update | whole process s |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {n} | {s} | {v:,.0f} | {f'{w:,.0f}' if w else '–'} | {t:.1f} |" for n, s, v, w, t in rows]
+    names = list(dict.fromkeys(r[0] for r in rows))
+    means = {n: np.mean([r[2] for r in rows if r[0] == n]) for n in names}
+    steady = {
+        n: np.mean([r[3] for r in rows if r[0] == n]) if all(r[3] for r in rows if r[0] == n) else None for n in names
+    }
+    lines += [f"| **{n}: mean** | | {means[n]:,.0f} | {f'{steady[n]:,.0f}' if steady[n] else '–'} | |" for n in names]
+    peer = names[-1]
+    for n in names[:-1]:
+        lines.append(f"\nRatio {n} / {peer} ({ratio_label}), training SPS: **{means[n] / means[peer]:.2f}×**")
     return "\n".join(lines)
 
 

@@ -43,7 +43,7 @@ def sps(args) -> str:
             ),
         ]:
             rows.append(measure_sps(name, seed, cmd, args.run_dir, pattern))
-    return sps_table(rows, "trpo.py / sb3-contrib")
+    return sps_table(rows, "one thread each")
 
 
 def main() -> None:
