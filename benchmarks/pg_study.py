@@ -3,9 +3,12 @@
     python -m benchmarks.pg_study baselines [--workers 2] [--out benchmarks/out/pg_baselines]
     python -m benchmarks.pg_study lambda    [--workers 2] [--out benchmarks/out/pg_lambda]
     python -m benchmarks.pg_study baselines --report-only
+    python -m benchmarks.pg_study lambda --env HalfCheetah-v5 --total-timesteps 300000 --seeds 1 2
 
 Each TOML file of benchmarks/suites/pg_{study}/ is a suite of the harness (the same runs, logs, status files,
-resumable); its runs go under OUT/{file name}/. Then OUT/report.md compares the variants on CartPole-v1: final
+resumable); its runs go under OUT/{file name}/. --env, --seeds and --total-timesteps replace the suites' own
+(CartPole-v1, 3 seeds, their budget; the threshold of another env is the mujoco or classic suite's, and OUT
+defaults to benchmarks/out/pg_{study}_{env}). Then OUT/report.md compares the variants on the env: final
 return, seeds reaching the threshold, steps and seconds to it (benchmarks/report.py's summary), and for the
 baselines the variance of the gradient estimate (losses/pg_variance): at the first update, where every variant
 scores the same K episodes (same seed, same initial policy), and its median over the run. Figures:
@@ -13,6 +16,7 @@ OUT/learning_curves.png (one curve per variant) and, for the baselines, OUT/pg_v
 """
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -41,7 +45,7 @@ def label(study: str, path: Path) -> str:
     return f"baseline {path.stem}" if study == "baselines" else f"lambda = {path.stem.split('_')[-1]}"
 
 
-def variance_figure(by_variant: dict, path: Path) -> None:
+def variance_figure(by_variant: dict, path: Path, env: str) -> None:
     """losses/pg_variance against env steps, per variant: the mean over seeds of log10 of a 10-update running median."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     x_max = max(float(r["tags"]["losses/pg_variance"][0][-1]) for runs in by_variant.values() for r in runs)
@@ -59,21 +63,34 @@ def variance_figure(by_variant: dict, path: Path) -> None:
     ax.set_ylabel("log10 variance of the gradient estimate")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("REINFORCE on CartPole-v1: tr Cov(g_i) / K per update")
+    ax.set_title(f"REINFORCE on {env}: tr Cov(g_i) / K per update")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def compare(study: str, out: Path, command: str) -> Path:
+def variant_suite(path: Path, args):
+    """The variant's suite with the command line's --env, --seeds and --total-timesteps in place of its own."""
+    suite = load_suite(str(path))
+    if args.env:
+        thresholds = {**load_suite("classic").thresholds, **load_suite("mujoco").thresholds, **suite.thresholds}
+        suite = dataclasses.replace(suite, envs=[args.env], thresholds=thresholds)
+    if args.seeds:
+        suite = dataclasses.replace(suite, seeds=args.seeds)
+    if args.total_timesteps:
+        suite = dataclasses.replace(suite, total_timesteps=args.total_timesteps)
+    return suite
+
+
+def compare(study: str, out: Path, command: str, args) -> Path:
     """Write OUT/report.md and the figures from the variants' sweep directories; return the report's path."""
     by_variant, failed_all, suites = {}, [], {}
     for path in variant_files(study):
-        suites[label(study, path)] = load_suite(str(path))
+        suites[label(study, path)] = variant_suite(path, args)
         finished, failed = load_runs(out / path.stem) if (out / path.stem / "status").is_dir() else ([], [])
         by_variant[label(study, path)] = finished
         failed_all += failed
-    env = "CartPole-v1"
+    env = next(iter(suites.values())).envs[0]
     threshold = next(iter(suites.values())).thresholds.get(env)
     lines = [f"# {'REINFORCE baselines' if study == 'baselines' else 'A2C: GAE lambda'} on {env}", ""]
     lines += [f"Command: `{command}`  ", stamp(), ""]
@@ -114,8 +131,9 @@ def compare(study: str, out: Path, command: str) -> Path:
         figure(env, done, out / "learning_curves.png", [])
         lines += ["", "![learning curves](learning_curves.png)"]
         if study == "baselines":
-            variance_figure(done, out / "pg_variance.png")
+            variance_figure(done, out / "pg_variance.png", env)
             lines += ["", "![variance of the gradient estimate](pg_variance.png)"]
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -127,8 +145,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--report-only", action="store_true", help="compare what has been run; run nothing")
+    parser.add_argument("--env", help="run the study on this env instead of CartPole-v1")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the suites' seeds")
+    parser.add_argument("--total-timesteps", type=int, help="override the suites' budget")
     args = parser.parse_args(argv)
-    out = (args.out or ROOT / "benchmarks" / "out" / f"pg_{args.study}").resolve()
+    default_out = f"pg_{args.study}" + (f"_{args.env.replace('/', '-')}" if args.env else "")
+    out = (args.out or ROOT / "benchmarks" / "out" / default_out).resolve()
     # the command that runs the study (--report-only redraws the same report)
     given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"]
     command = "python -m benchmarks.pg_study " + " ".join(given)
@@ -136,10 +158,10 @@ def main(argv=None) -> int:
     try:
         if not args.report_only:
             for path in variant_files(args.study):
-                status = max(status, sweep(load_suite(str(path)), out / path.stem, args.workers))
+                status = max(status, sweep(variant_suite(path, args), out / path.stem, args.workers))
                 if status == 130:  # interrupted: run no further variant; the same command resumes the study
                     return status
-        print(f"report: {compare(args.study, out, command)}")
+        print(f"report: {compare(args.study, out, command, args)}")
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
