@@ -9,6 +9,13 @@
         update (and so --compile's compilation) included; "after the first update": from the end of the
         first update to the end of the last, the steady rate of a long run.
 
+    python -m benchmarks.ppo_speed minibatch
+        one mini-batch step of ppo.py's HalfCheetah update (64 samples, 64-unit networks, one thread) in
+        this process: eager, with the loss compiled (--compile), and with the gradient clipping and Adam
+        step compiled too; milliseconds per step, and the seconds of the first epoch (the compilation:
+        the cache starts empty, so the second row compiles the loss from nothing and the third finds it
+        cached and compiles the step).
+
 Runs go one at a time, ours and SB3's alternating, so both see the same machine load. Prints a
 markdown table; --out also writes it (with the command, the date and the machine) to a file.
 """
@@ -137,6 +144,61 @@ def sps(args) -> str:
     return sps_table(rows, "one thread each")
 
 
+def minibatch(args) -> str:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_")  # a cold cache: real compile times
+    import torch
+
+    from cleanrl_style import ppo
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    run_args = ppo.resolve_args(ppo.Args(env="HalfCheetah-v5"), discrete=False)
+    agent = ppo.Agent(17, 6, discrete=False)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=3e-4, eps=1e-5, fused=True)
+    n, B = 2048, run_args.minibatch_size
+    s, a, A_hat, G, V_old = torch.randn(n, 17), torch.randn(n, 6), torch.randn(n), torch.randn(n), torch.randn(n)
+    with torch.no_grad():
+        head_old = agent.head(s)
+        logp_old = agent.log_prob(head_old, a)
+    beta = torch.tensor(1.0)
+
+    def clip_and_step():
+        torch.nn.utils.clip_grad_norm_(agent.parameters(), run_args.max_grad_norm)
+        optimizer.step()
+
+    def epoch(loss_fn, step_fn) -> None:
+        for start in range(0, n, B):
+            mb = torch.randperm(n)[:B] if start else torch.arange(B)
+            loss = loss_fn(
+                agent, run_args, s[mb], a[mb], logp_old[mb], A_hat[mb], G[mb], V_old[mb], head_old[mb], beta
+            )[0]
+            optimizer.zero_grad()
+            loss.backward()
+            step_fn()
+
+    rows = []
+    for name, loss_fn, step_fn in [
+        ("eager (ppo.py)", ppo.minibatch_loss, clip_and_step),
+        ("loss compiled (ppo.py --compile)", torch.compile(ppo.minibatch_loss), clip_and_step),
+        ("loss, clipping and Adam step compiled", torch.compile(ppo.minibatch_loss), torch.compile(clip_and_step)),
+    ]:
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        epoch(loss_fn, step_fn)  # the first epoch compiles
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(args.epochs):
+            epoch(loss_fn, step_fn)
+        ms = (time.perf_counter() - t0) / (args.epochs * n // B) * 1e3
+        rows.append((name, ms, first))
+        print(rows[-1], flush=True)
+    lines = ["| mini-batch step | ms per step | first epoch s (compilation included) |", "|---|---|---|"]
+    lines += [f"| {name} | {ms:.3f} | {first:.1f} |" for name, ms, first in rows]
+    return "\n".join(lines)
+
+
 def measure_sps(name: str, seed: int, cmd: list, run_dir: Path, pattern: str) -> tuple:
     """(name, seed, training SPS of the last update, SPS after the first update or None, whole-process seconds)
     of one timed run. The second comes from the wall times of our charts/SPS events (one per update); SB3
@@ -171,14 +233,15 @@ def sps_table(rows: list, ratio_label: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["cartpole", "sps"])
+    parser.add_argument("what", choices=["cartpole", "sps", "minibatch"])
+    parser.add_argument("--epochs", type=int, default=10, help="minibatch: timed epochs of 32 steps each")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--env", default="HalfCheetah-v5")
     parser.add_argument("--steps", type=int, default=40960)
     parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "speed")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    table = cartpole(args) if args.what == "cartpole" else sps(args)
+    table = {"cartpole": cartpole, "sps": sps, "minibatch": minibatch}[args.what](args)
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
