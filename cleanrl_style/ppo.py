@@ -111,7 +111,7 @@ class Args:
     """torch CPU threads"""
     compile: bool = False
     """torch.compile the mini-batch loss (its forward and backward): faster updates after a one-off compilation
-    of ~30-40 s (cached on disk for later runs); the same computation as without"""
+    of ~15-50 s (cached on disk for later runs); the same computation as without"""
     capture_video: bool = False
     """record videos of env 0 and of the final evaluation under --video-dir/{run_name}"""
     save_model: bool = True
@@ -970,8 +970,8 @@ class Monitor:
 
 def snapshot(state):
     """A copy of a run's state that later training cannot change: tensors cloned, arrays copied, dicts, lists and
-    tuples rebuilt, anything else deep-copied. The same as copy.deepcopy, ~20x faster on tensors (A2C takes one
-    after every update of a few dozen steps)."""
+    tuples rebuilt, anything else deep-copied. The same as copy.deepcopy, about 5x faster on a state dict (A2C
+    takes one after every update of a few dozen steps)."""
     if isinstance(state, torch.Tensor):
         return state.detach().clone()
     if isinstance(state, np.ndarray):
