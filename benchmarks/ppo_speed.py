@@ -169,8 +169,10 @@ def minibatch(args) -> str:
         optimizer.step()
 
     def epoch(loss_fn, step_fn) -> None:
+        """One epoch of ppo.py's update: shuffled mini-batches of B samples."""
+        perm = torch.randperm(n)
         for start in range(0, n, B):
-            mb = torch.randperm(n)[:B] if start else torch.arange(B)
+            mb = perm[start : start + B]
             loss = loss_fn(
                 agent, run_args, s[mb], a[mb], logp_old[mb], A_hat[mb], G[mb], V_old[mb], head_old[mb], beta
             )[0]
@@ -241,6 +243,8 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "speed")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.epochs < 1:
+        parser.error("--epochs must be at least 1")
     table = {"cartpole": cartpole, "sps": sps, "minibatch": minibatch}[args.what](args)
     print(table)
     if args.out:
