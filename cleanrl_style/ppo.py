@@ -55,6 +55,8 @@ class Args:
     """gymnasium environment id (Box observations; Discrete or Box actions)"""
     seed: int = 1
     """seed of Python, numpy, torch and the environments"""
+    preset: Literal["tianshou"] | None = None
+    """tuned settings for the flags not given (the PRESETS table in ppo.py: what each sets, the sweep that chose it)"""
     total_timesteps: int | None = None
     """environment steps to train for (default: 100,000 discrete, 1,000,000 continuous)"""
     num_envs: int | None = None
@@ -83,14 +85,16 @@ class Args:
     """d_targ, target KL of the adaptive-beta rule (--loss kl)"""
     kl_estimator: Literal["exact", "k1", "k2", "k3"] = "exact"
     """estimator of KL(pi_old || pi_theta) in the penalty (--loss kl); exact is the analytic KL"""
-    norm_adv: bool = True
-    """normalise A_hat over the batch: (A_hat - mean) / std"""
+    norm_adv: bool | None = None
+    """normalise A_hat over the batch: (A_hat - mean) / std (default: on)"""
+    recompute_adv: bool | None = None
+    """recompute A_hat and G with the critic as it is before every epoch after the first (default: off)"""
     clip_vloss: bool = False
     """clip the value loss around V_old with the range --clip-eps"""
     ent_coef: float = 0.0
     """c2, entropy bonus coefficient"""
-    vf_coef: float = 0.5
-    """c1, value loss coefficient"""
+    vf_coef: float | None = None
+    """c1, value loss coefficient (default: 0.5)"""
     max_grad_norm: float = 0.5
     """clip the global gradient norm to this value (0 disables)"""
     target_kl: float | None = None
@@ -101,6 +105,8 @@ class Args:
     """scale rewards by the running std of the discounted return (default: off discrete, on continuous)"""
     hidden_size: int = 64
     """width of the two tanh hidden layers of actor and critic"""
+    log_std_init: float | None = None
+    """log sigma of the Gaussian policy at the start, continuous actions (default: 0, sigma = 1)"""
     exp_name: str = Path(__file__).stem
     """experiment name, part of the run directory name"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -143,6 +149,10 @@ DISCRETE_DEFAULTS = dict(
     gae_lambda=0.8,
     norm_obs=False,
     norm_reward=False,
+    norm_adv=True,
+    recompute_adv=False,
+    vf_coef=0.5,
+    log_std_init=0.0,
 )
 CONTINUOUS_DEFAULTS = dict(
     total_timesteps=1_000_000,
@@ -155,7 +165,18 @@ CONTINUOUS_DEFAULTS = dict(
     gae_lambda=0.95,
     norm_obs=True,
     norm_reward=True,
+    norm_adv=True,
+    recompute_adv=False,
+    vf_coef=0.5,
+    log_std_init=0.0,
 )
+# --preset NAME: settings measured against the defaults (the sweep named); each fills only the flags not given.
+PRESETS = {
+    # Tianshou's MuJoCo PPO (its benchmark's examples/mujoco/mujoco_ppo.py): 64 envs x 32 steps (the same 2048
+    # steps per rollout), c1 0.25, no advantage normalisation, A_hat recomputed every epoch, log sigma -0.5 at the
+    # start. Sweep: benchmarks/results/ppo_presets/ (3 seeds x HalfCheetah, Hopper, Walker2d-v5, 1M steps).
+    "tianshou": dict(num_envs=64, num_steps=32, vf_coef=0.25, norm_adv=False, recompute_adv=True, log_std_init=-0.5),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,6 +472,7 @@ def resolve_args(args: Args, discrete: bool) -> Args:
     """Fill the defaults that depend on the action space, then check that the values fit."""
     check_common_args(args)
     defaults = DISCRETE_DEFAULTS if discrete else CONTINUOUS_DEFAULTS
+    defaults = {**defaults, **PRESETS.get(args.preset, {})}  # a flag given > the preset > the default
     args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
     batch_size = args.num_envs * args.num_steps
     checks = [
@@ -551,10 +573,11 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
     args = resolve_args(args, discrete)
     device = torch.device(pick_device(args.device))
     kind = "discrete" if discrete else "continuous"
-    mark = " (saved)" if ckpt is not None else " (flag)"
+    marks = dict.fromkeys(given, " (flag)") | {k: " (preset)" for k in PRESETS.get(args.preset, {}) if k not in given}
+    marks = dict.fromkeys(DISCRETE_DEFAULTS, " (saved)") if ckpt is not None else marks
     print(
         f"ppo on {args.env} ({kind} actions {act_space}); {kind} defaults, overridden where marked: "
-        + ", ".join(f"{k}={getattr(args, k)}{mark if k in given or ckpt else ''}" for k in DISCRETE_DEFAULTS)
+        + ", ".join(f"{k}={getattr(args, k)}{marks.get(k, '')}" for k in DISCRETE_DEFAULTS)
         + f"; loss={args.loss}, device={device}"
     )
     N, T = args.num_envs, args.num_steps
@@ -572,6 +595,8 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
         agent = Agent(obs_dim, act_dim, discrete, args.hidden_size).to(device)
     except RuntimeError as e:  # out of memory for the networks asked for
         raise UsageError(f"cannot build the networks (--hidden-size {args.hidden_size}): {first_line(e)}") from None
+    if not discrete:
+        nn.init.constant_(agent.actor_logstd, args.log_std_init)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     loss_fn = torch.compile(minibatch_loss) if args.compile else minibatch_loss
     obs_rms = RunningMeanStd(obs_dim) if args.norm_obs else None
@@ -616,6 +641,7 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
     ended = np.zeros((T, N), np.float32)
     values = np.zeros((T, N), np.float32)
     V_final = np.zeros((T, N), np.float32)  # V(true final observation) where an episode was truncated
+    obs_final = np.zeros((T, N, obs_dim), np.float32)  # that observation (normalised), for --recompute-adv
     truncated_only = np.zeros((T, N), bool)
 
     next_obs, _ = envs.reset(seed=[args.seed + global_step + i for i in range(N)])
@@ -656,27 +682,31 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
                 truncated_only[t] = trunc & ~term
                 if truncated_only[t].any():
                     idx = np.nonzero(truncated_only[t])[0]
-                    s_final = normalize_obs(np.stack(infos["final_obs"][idx]), obs_rms)
-                    V_final[t, idx] = pi_old.value(s_final)
+                    obs_final[t, idx] = normalize_obs(np.stack(infos["final_obs"][idx]), obs_rms)
+                    V_final[t, idx] = pi_old.value(obs_final[t, idx])
                 for i in np.nonzero(done)[0]:
                     monitor.episode(ep_return[i], ep_length[i], global_step)
                     ep_return[i], ep_length[i] = 0.0, 0
-            V_last = pi_old.value(normalize_obs(next_obs, obs_rms))
+            s_last = normalize_obs(next_obs, obs_rms)
+            V_last = pi_old.value(s_last)
 
             # ---- advantages and returns ----
-            V_next = np.concatenate([values[1:], V_last[None]], 0)
-            V_next = np.where(truncated_only, V_final, V_next)
-            A_hat = gae(rewards, values, V_next, terminated, ended, args.gamma, args.gae_lambda)
-            G = A_hat + values
+            def advantages(V, V_last, V_final):
+                """A_hat and G = A_hat + V over the rollout, from the critic's V(s_t), V(s_T) and V(final obs)."""
+                V_next = np.concatenate([V[1:], V_last[None]], 0)
+                V_next = np.where(truncated_only, V_final, V_next)
+                A_hat = gae(rewards, V, V_next, terminated, ended, args.gamma, args.gae_lambda)
+                b_A = torch.as_tensor(A_hat.reshape(-1), device=device)
+                if args.norm_adv:
+                    b_A = (b_A - b_A.mean()) / (b_A.std() + 1e-8)
+                return A_hat + V, b_A
 
+            G, b_A = advantages(values, V_last, V_final)
             b_obs = torch.as_tensor(obs.reshape(batch_size, obs_dim), device=device)
             b_actions = torch.as_tensor(actions.reshape((batch_size,) + actions.shape[2:]), device=device)
             b_logp_old = torch.as_tensor(logp_old.reshape(-1), device=device)
-            b_A = torch.as_tensor(A_hat.reshape(-1), device=device)
             b_G = torch.as_tensor(G.reshape(-1), device=device)
             b_V = torch.as_tensor(values.reshape(-1), device=device)
-            if args.norm_adv:
-                b_A = (b_A - b_A.mean()) / (b_A.std() + 1e-8)
             with torch.no_grad():
                 b_head_old = agent.head(b_obs)
             beta_t = torch.tensor(beta, device=device)
@@ -684,7 +714,15 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
             # ---- update: epochs over shuffled mini-batches ----
             diagnostics = []  # per mini-batch: k1, k3, clip fraction
             steps_done, early_stop = 0, False
-            for _epoch in range(args.update_epochs):
+            for epoch in range(args.update_epochs):
+                if args.recompute_adv and epoch > 0:  # A_hat and G again, from the critic as the last epoch left it
+                    with torch.no_grad():
+                        V_now = [
+                            agent.value(torch.as_tensor(x, device=device)).cpu().numpy()
+                            for x in (obs, s_last, obs_final)
+                        ]
+                    G_now, b_A = advantages(*V_now)
+                    b_G = torch.as_tensor(G_now.reshape(-1), device=device)
                 perm = torch.randperm(batch_size, device=device)
                 for start in range(0, batch_size, args.minibatch_size):
                     mb = perm[start : start + args.minibatch_size]

@@ -244,3 +244,59 @@ def test_rollout_bootstraps_from_the_true_final_observation(env_id, tmp, monkeyp
         assert V_next[4, 0] == pytest.approx(V5, abs=1e-6) and V_next[9, 0] == pytest.approx(V5, abs=1e-6)
         assert abs(V5 - V0) > 1e-4  # so the test tells them apart
     np.testing.assert_allclose(V_next[:4, 0], V[1:5, 0], atol=1e-6)  # inside an episode: the next step's V
+
+
+def test_recompute_adv_takes_advantages_from_the_critic_of_each_epoch(tmp, monkeypatch):
+    """--recompute-adv: before epochs 2 and 3 GAE runs again on V of the current critic (the reset observation's
+    V at t = 5, V of the true final observation [5] at the truncation t = 4); without it, once per rollout."""
+    seen, agents = [], []
+
+    class RecordingAgent(ppo.Agent):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            agents.append(self)
+
+    def V_of(x):
+        return agents[0].value(torch.tensor([[x]], dtype=torch.float32)).item()
+
+    def recording_gae(r, V, V_next, terminated, ended, gamma, gae_lambda):
+        with torch.no_grad():
+            seen.append((V.copy(), V_next.copy(), V_of(5.0), V_of(0.0)))
+        return real_gae(r, V, V_next, terminated, ended, gamma, gae_lambda)
+
+    real_gae = ppo.gae
+    monkeypatch.setattr(ppo, "Agent", RecordingAgent)
+    monkeypatch.setattr(ppo, "gae", recording_gae)
+    monkeypatch.chdir(tmp)
+    for recompute in [False, True]:
+        seen.clear(), agents.clear()
+        args = ppo.Args(
+            env="TruncatedCounter-v0", total_timesteps=12, num_envs=1, num_steps=12, minibatch_size=4,
+            update_epochs=3, learning_rate=0.05, recompute_adv=recompute, run_dir=str(tmp / "runs"),
+            progress=False, eval_episodes=0, save_model=False,
+        )  # fmt: skip
+        assert ppo.main(args) == 0
+        assert len(seen) == (3 if recompute else 1)
+    for V, V_next, V5, V0 in seen:  # each call: the critic as it was then
+        assert V[5, 0] == pytest.approx(V0, abs=1e-5) and V_next[4, 0] == pytest.approx(V5, abs=1e-5)
+    assert abs(seen[2][0][5, 0] - seen[0][0][5, 0]) > 1e-4  # the critic moved between the epochs
+
+
+def test_preset_fills_the_flags_not_given_and_sets_log_sigma(tmp):
+    """--preset tianshou: its settings where no flag was given, a given flag wins, other flags keep their defaults;
+    the Gaussian's log sigma starts at the preset's log_std_init."""
+    resolved = ppo.resolve_args(ppo.Args(env="HalfCheetah-v5", preset="tianshou", num_envs=16), discrete=False)
+    expected = dict(ppo.PRESETS["tianshou"], num_envs=16)
+    assert {k: getattr(resolved, k) for k in expected} == expected
+    assert resolved.update_epochs == ppo.CONTINUOUS_DEFAULTS["update_epochs"]
+    plain = ppo.resolve_args(ppo.Args(env="HalfCheetah-v5"), discrete=False)
+    assert (plain.num_envs, plain.vf_coef, plain.norm_adv, plain.recompute_adv, plain.log_std_init) == (
+        1, 0.5, True, False, 0.0,
+    )  # fmt: skip
+    run = train(
+        "ppo", tmp, "--env", "Pendulum-v1", "--preset", "tianshou", "--num-envs", "2", "--total-timesteps", "64",
+        "--minibatch-size", "32", "--update-epochs", "1", "--learning-rate", "1e-9", "--eval-episodes", "0",
+    )  # fmt: skip
+    ckpt = torch.load(next(run.glob("*.pt")), weights_only=False)
+    torch.testing.assert_close(ckpt["model"]["actor_logstd"], torch.full((1,), -0.5), atol=1e-6, rtol=0)
+    assert ckpt["args"]["recompute_adv"] is True and ckpt["args"]["preset"] == "tianshou"
