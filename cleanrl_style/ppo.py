@@ -20,6 +20,7 @@ Run:
     python cleanrl_style/ppo.py --env CartPole-v1
     python cleanrl_style/ppo.py --env CartPole-v1 --loss kl --kl-estimator k3
     python cleanrl_style/ppo.py --env HalfCheetah-v5
+    python cleanrl_style/ppo.py --env HalfCheetah-v5 --preset tianshou
 """
 
 import collections

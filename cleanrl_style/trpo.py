@@ -128,6 +128,10 @@ class Args:
 # 20 critic epochs and reward scaling take every full step and reach 475 in ~25k steps (seeds 1, 2), staying at 500.
 # Continuous: rl-zoo3's MuJoCo TRPO settings (2 envs x 1024 steps, 25 CG iterations, damping 0.1, 20 critic epochs
 # of mini-batch 128 at Adam 1e-3, normalised observations and rewards; HalfCheetah uses --max-kl 0.04 there).
+# Their delta is not ours for a Gaussian: sb3-contrib averages the KL over the action dimensions as well as the
+# states, where delta here bounds the KL of the whole action distribution (summed over dimensions, as in the
+# paper). sb3-contrib's trust region is the one of --max-kl delta*act_dim --cg-damping 0.1*act_dim here
+# (benchmarks/suites/trpo_sb3_kl.toml; the results in benchmarks/results/trpo/).
 DISCRETE_DEFAULTS = dict(
     total_timesteps=100_000,
     num_envs=4,

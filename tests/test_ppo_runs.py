@@ -199,10 +199,9 @@ gym.register("TruncatedCounter-v0", entry_point=Counter, max_episode_steps=5)
 gym.register("TerminatedCounter-v0", entry_point=Counter, kwargs={"end_at": 5})
 
 
-@pytest.mark.parametrize("env_id", ["TruncatedCounter-v0", "TerminatedCounter-v0"])
-def test_rollout_bootstraps_from_the_true_final_observation(env_id, tmp, monkeypatch):
-    """The loop hands GAE V(s_5) of the final observation [5] at a truncation, not V of the reset
-    observation [0] that the vector env returns in the same step, and marks a termination as one."""
+def record_gae_calls(monkeypatch) -> list:
+    """Make ppo.main record each call of gae: (V, V_next, terminated, ended, V(s=[5]), V(s=[0])), the last two from
+    the agent's critic as it is at that call."""
     seen, agents = [], []
 
     class RecordingAgent(ppo.Agent):
@@ -211,7 +210,7 @@ def test_rollout_bootstraps_from_the_true_final_observation(env_id, tmp, monkeyp
             agents.append(self)
 
     def V_of(x):
-        return agents[0].value(torch.tensor([[x]], dtype=torch.float32)).item()
+        return agents[-1].value(torch.tensor([[x]], dtype=torch.float32)).item()
 
     def recording_gae(r, V, V_next, terminated, ended, gamma, gae_lambda):
         with torch.no_grad():
@@ -221,6 +220,14 @@ def test_rollout_bootstraps_from_the_true_final_observation(env_id, tmp, monkeyp
     real_gae = ppo.gae
     monkeypatch.setattr(ppo, "Agent", RecordingAgent)
     monkeypatch.setattr(ppo, "gae", recording_gae)
+    return seen
+
+
+@pytest.mark.parametrize("env_id", ["TruncatedCounter-v0", "TerminatedCounter-v0"])
+def test_rollout_bootstraps_from_the_true_final_observation(env_id, tmp, monkeypatch):
+    """The loop hands GAE V(s_5) of the final observation [5] at a truncation, not V of the reset
+    observation [0] that the vector env returns in the same step, and marks a termination as one."""
+    seen = record_gae_calls(monkeypatch)
     monkeypatch.chdir(tmp)
     args = ppo.Args(
         env=env_id,
@@ -249,27 +256,10 @@ def test_rollout_bootstraps_from_the_true_final_observation(env_id, tmp, monkeyp
 def test_recompute_adv_takes_advantages_from_the_critic_of_each_epoch(tmp, monkeypatch):
     """--recompute-adv: before epochs 2 and 3 GAE runs again on V of the current critic (the reset observation's
     V at t = 5, V of the true final observation [5] at the truncation t = 4); without it, once per rollout."""
-    seen, agents = [], []
-
-    class RecordingAgent(ppo.Agent):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            agents.append(self)
-
-    def V_of(x):
-        return agents[0].value(torch.tensor([[x]], dtype=torch.float32)).item()
-
-    def recording_gae(r, V, V_next, terminated, ended, gamma, gae_lambda):
-        with torch.no_grad():
-            seen.append((V.copy(), V_next.copy(), V_of(5.0), V_of(0.0)))
-        return real_gae(r, V, V_next, terminated, ended, gamma, gae_lambda)
-
-    real_gae = ppo.gae
-    monkeypatch.setattr(ppo, "Agent", RecordingAgent)
-    monkeypatch.setattr(ppo, "gae", recording_gae)
+    seen = record_gae_calls(monkeypatch)
     monkeypatch.chdir(tmp)
     for recompute in [False, True]:
-        seen.clear(), agents.clear()
+        seen.clear()
         args = ppo.Args(
             env="TruncatedCounter-v0", total_timesteps=12, num_envs=1, num_steps=12, minibatch_size=4,
             update_epochs=3, learning_rate=0.05, recompute_adv=recompute, run_dir=str(tmp / "runs"),
@@ -277,7 +267,7 @@ def test_recompute_adv_takes_advantages_from_the_critic_of_each_epoch(tmp, monke
         )  # fmt: skip
         assert ppo.main(args) == 0
         assert len(seen) == (3 if recompute else 1)
-    for V, V_next, V5, V0 in seen:  # each call: the critic as it was then
+    for V, V_next, _, _, V5, V0 in seen:  # each call: the critic as it was then
         assert V[5, 0] == pytest.approx(V0, abs=1e-5) and V_next[4, 0] == pytest.approx(V5, abs=1e-5)
     assert abs(seen[2][0][5, 0] - seen[0][0][5, 0]) > 1e-4  # the critic moved between the epochs
 
