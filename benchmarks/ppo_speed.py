@@ -4,8 +4,8 @@
         whole-process wall-clock seconds and env steps until the mean of the last 20 episodes reaches
         475 on CartPole-v1: ppo.py with default flags, SB3 PPO with rl-zoo3's tuned hyperparameters.
     python -m benchmarks.ppo_speed sps --env HalfCheetah-v5 --steps 40960
-        training steps per second, default continuous flags (eager, and with --compile) beside SB3's
-        defaults, one torch thread each. "training SPS": env steps over the seconds of training, the first
+        training steps per second, ppo.py --preset paper (eager, and with --compile) beside SB3's defaults,
+        the same PPO settings, one torch thread each. "training SPS": env steps over the seconds of training, the first
         update (and so --compile's compilation) included; "after the first update": from the end of the
         first update to the end of the last, the steady rate of a long run.
 
@@ -114,11 +114,15 @@ def cartpole(args) -> str:
 def sps(args) -> str:
     rows = []
     ours = [sys.executable, "cleanrl_style/ppo.py", "--env", args.env, "--total-timesteps", str(args.steps)]
-    ours += ["--no-progress", "--eval-episodes", "0", "--run-dir", str(args.run_dir)]
+    ours += ["--preset", "paper", "--no-progress", "--eval-episodes", "0", "--run-dir", str(args.run_dir)]
     for seed in args.seeds:
         for name, cmd, pattern in [
-            ("ppo.py (defaults)", ours + ["--seed", str(seed)], f"{args.env}__ppo__{seed}__*"),
-            ("ppo.py --compile", ours + ["--seed", str(seed), "--compile"], f"{args.env}__ppo__{seed}__*"),
+            ("ppo.py --preset paper", ours + ["--seed", str(seed)], f"{args.env}__ppo__{seed}__*"),
+            (
+                "ppo.py --preset paper --compile",
+                ours + ["--seed", str(seed), "--compile"],
+                f"{args.env}__ppo__{seed}__*",
+            ),
             (
                 "SB3 PPO (defaults)",
                 [

@@ -49,7 +49,8 @@ def assert_one_error_line(proc, code: int = 2, *words: str) -> None:
 
 @pytest.mark.parametrize("lr", ["30", "1e38"])
 def test_non_finite_parameters_stop_with_the_last_good_checkpoint(lr, tmp):
-    flags = ["--env", "Pendulum-v1", "--learning-rate", lr, "--num-steps", "256", "--total-timesteps", "2048"]
+    flags = ["--env", "Pendulum-v1", "--learning-rate", lr, "--num-envs", "1", "--num-steps", "256"]
+    flags += ["--total-timesteps", "2048"]
     proc = run_script("ppo", *flags, "--no-progress", "--run-dir", str(tmp / "runs"), cwd=tmp, check=False)
     assert proc.returncode == 1, proc.stderr
     assert "non-finite" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -33,8 +33,11 @@ def test_cartpole_is_solved(loss, compile, tmp):
         assert len(set(betas)) > 1  # beta was adapted
 
 
-def test_inverted_pendulum_learns_to_balance(tmp):
-    run = train("ppo", tmp, "--env", "InvertedPendulum-v5", "--total-timesteps", "60000", "--seed", "1")
+@pytest.mark.parametrize("flags", [["--num-envs", "8"], ["--preset", "paper"]])
+def test_inverted_pendulum_learns_to_balance(flags, tmp):
+    """The continuous defaults (with 8 envs, so that each env lives long enough for whole 1000-step episodes in
+    60k steps) and the PPO paper's settings."""
+    run = train("ppo", tmp, "--env", "InvertedPendulum-v5", "--total-timesteps", "60000", "--seed", "1", *flags)
     tags = scalars(run)
     assert best_mean_of_20(tags["charts/episodic_return"]) >= 900
     assert tags["eval/episodic_return"][-1][1] >= 900
@@ -42,7 +45,7 @@ def test_inverted_pendulum_learns_to_balance(tmp):
 
 @pytest.mark.parametrize("env", ["CartPole-v1", "InvertedPendulum-v5"])
 def test_same_seed_same_returns(env, tmp):
-    flags = ["--env", env, "--total-timesteps", "2048", "--num-steps", "256", "--eval-episodes", "0"]
+    flags = ["--env", env, "--total-timesteps", "2048", "--num-envs", "8", "--num-steps", "256", "--eval-episodes", "0"]
     logs = []
     for _ in range(2):
         logs.append(scalars(train("ppo", tmp, *flags))["charts/episodic_return"])
@@ -160,6 +163,8 @@ def test_evaluation_uses_the_frozen_observation_statistics(tmp):
         "InvertedPendulum-v5",
         "--total-timesteps",
         "4096",
+        "--num-envs",
+        "1",
         "--num-steps",
         "512",
         "--eval-episodes",
@@ -280,9 +285,12 @@ def test_preset_fills_the_flags_not_given_and_sets_log_sigma(tmp):
     assert {k: getattr(resolved, k) for k in expected} == expected
     assert resolved.update_epochs == ppo.CONTINUOUS_DEFAULTS["update_epochs"]
     plain = ppo.resolve_args(ppo.Args(env="HalfCheetah-v5"), discrete=False)
-    assert (plain.num_envs, plain.vf_coef, plain.norm_adv, plain.recompute_adv, plain.log_std_init) == (
-        1, 0.5, True, False, 0.0,
+    assert {k: getattr(plain, k) for k in ppo.PRESETS["tianshou"]} == ppo.PRESETS["tianshou"]  # the defaults
+    paper = ppo.resolve_args(ppo.Args(env="HalfCheetah-v5", preset="paper"), discrete=False)
+    assert (paper.num_envs, paper.num_steps, paper.vf_coef, paper.norm_adv, paper.recompute_adv) == (
+        1, 2048, 0.5, True, False,
     )  # fmt: skip
+    assert paper.log_std_init == 0.0 and paper.update_epochs == 10 and paper.learning_rate == 3e-4
     run = train(
         "ppo", tmp, "--env", "Pendulum-v1", "--preset", "tianshou", "--num-envs", "2", "--total-timesteps", "64",
         "--minibatch-size", "32", "--update-epochs", "1", "--learning-rate", "1e-9", "--eval-episodes", "0",
