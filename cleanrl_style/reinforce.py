@@ -84,7 +84,7 @@ class Args:
     episodes_per_update: int | None = None
     """K, whole episodes per update, at least 2 (default: 8 discrete, 8 continuous)"""
     learning_rate: float | None = None
-    """alpha, Adam step size (default: 1e-2 discrete, 1e-3 continuous)"""
+    """alpha, Adam step size (default: 1e-2 discrete, 1e-2 continuous)"""
     anneal_lr: bool = True
     """anneal the learning rate linearly to 0 over the run"""
     gamma: float | None = None
@@ -134,8 +134,9 @@ class Args:
 
 
 # Defaults that depend on the action space. Discrete: chosen by measurement on CartPole-v1 (see the README and
-# benchmarks/results/pg/). Continuous: a starting point, not tuned; at 1M steps (3 seeds, benchmarks/results/pg/) it
-# learns Hopper-v5 (1017) and Walker2d-v5 (368) but not HalfCheetah-v5 (-268: 125 updates of 8,000 steps).
+# benchmarks/results/pg/). Continuous: the learning rate chosen at 1M steps, 3 seeds (benchmarks/results/pg/): 1e-2
+# beat 1e-3 on HalfCheetah-v5 (754 against -268: 1e-3 barely moves the policy in 125 updates of 8,000 steps),
+# Hopper-v5 (1210 against 1017) and Walker2d-v5 (612 against 368); the rest is not tuned.
 DISCRETE_DEFAULTS = dict(
     total_timesteps=100_000,
     num_envs=8,
@@ -150,7 +151,7 @@ CONTINUOUS_DEFAULTS = dict(
     total_timesteps=1_000_000,
     num_envs=8,
     episodes_per_update=8,
-    learning_rate=1e-3,
+    learning_rate=1e-2,
     gamma=0.99,
     vf_steps=10,
     norm_obs=True,
