@@ -57,7 +57,7 @@ class Args:
     seed: int = 1
     """seed of Python, numpy, torch and the environments"""
     preset: Literal["paper", "tianshou"] | None = None
-    """tuned settings for the flags not given (the PRESETS table in ppo.py: what each sets, the sweep that chose it)"""
+    """a named set of settings for the flags not given (the PRESETS table in ppo.py: what each sets, and why)"""
     total_timesteps: int | None = None
     """environment steps to train for (default: 100,000 discrete, 1,000,000 continuous)"""
     num_envs: int | None = None
