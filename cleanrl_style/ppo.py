@@ -501,6 +501,8 @@ def resolve_args(args: Args, discrete: bool) -> Args:
         (args.beta >= 0 and args.kl_target > 0, "--beta must be >= 0 and --kl-target > 0"),
         (args.target_kl is None or args.target_kl > 0, "--target-kl must be positive"),
         (args.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
+        (args.vf_coef >= 0, "--vf-coef must be >= 0"),
+        (math.isfinite(args.log_std_init), f"--log-std-init must be a finite number, got {args.log_std_init}"),
         (args.threads >= 1 and args.hidden_size >= 1, "--threads and --hidden-size must be at least 1"),
     ]
     for ok, message in checks:

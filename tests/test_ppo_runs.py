@@ -61,6 +61,8 @@ def test_same_seed_same_returns(env, tmp):
         ["--gamma", "1.5"],
         ["--gae-lambda", "-0.1"],
         ["--total-timesteps", "10"],
+        ["--log-std-init", "nan"],
+        ["--vf-coef", "-1"],
     ],
 )
 def test_bad_hyperparameters_exit_2_before_writing(flags, tmp):
