@@ -107,6 +107,8 @@ class Args:
     """scale rewards by the running std of the discounted return (default: off discrete, on continuous)"""
     hidden_size: int = 64
     """width of the two tanh hidden layers of actor and critic"""
+    log_std_init: float | None = None
+    """log sigma of the Gaussian policy at the start, continuous actions (default: 0, sigma = 1)"""
     exp_name: str = Path(__file__).stem
     """experiment name, part of the run directory name"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -146,6 +148,7 @@ DISCRETE_DEFAULTS = dict(
     vf_steps=10,
     norm_obs=False,
     norm_reward=False,
+    log_std_init=0.0,
 )
 CONTINUOUS_DEFAULTS = dict(
     total_timesteps=1_000_000,
@@ -156,6 +159,7 @@ CONTINUOUS_DEFAULTS = dict(
     vf_steps=10,
     norm_obs=True,
     norm_reward=True,
+    log_std_init=0.0,
 )
 
 
@@ -461,6 +465,7 @@ def resolve_args(args: Args, discrete: bool) -> Args:
         (args.learning_rate > 0, "--learning-rate must be positive"),
         (args.vf_steps >= 1, "--vf-steps must be at least 1"),
         (args.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
+        (math.isfinite(args.log_std_init), f"--log-std-init must be a finite number, got {args.log_std_init}"),
         (args.threads >= 1 and args.hidden_size >= 1, "--threads and --hidden-size must be at least 1"),
     ]
     for ok, message in checks:
@@ -558,6 +563,8 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
         agent = Agent(obs_dim, act_dim, discrete, args.hidden_size).to(device)
     except RuntimeError as e:  # out of memory for the networks asked for
         raise UsageError(f"cannot build the networks (--hidden-size {args.hidden_size}): {first_line(e)}") from None
+    if not discrete:
+        nn.init.constant_(agent.actor_logstd, args.log_std_init)
     actor_params = list(agent.actor.parameters()) + ([] if discrete else [agent.actor_logstd])
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     obs_rms = RunningMeanStd(obs_dim) if args.norm_obs else None

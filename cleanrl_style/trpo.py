@@ -97,6 +97,8 @@ class Args:
     """scale rewards by the running std of the discounted return (default: on)"""
     hidden_size: int = 64
     """width of the two tanh hidden layers of actor and critic"""
+    log_std_init: float | None = None
+    """log sigma of the Gaussian policy at the start, continuous actions (default: 0, sigma = 1)"""
     exp_name: str = Path(__file__).stem
     """experiment name, part of the run directory name"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -145,6 +147,7 @@ DISCRETE_DEFAULTS = dict(
     gae_lambda=0.98,
     norm_obs=False,
     norm_reward=True,
+    log_std_init=0.0,
 )
 CONTINUOUS_DEFAULTS = dict(
     total_timesteps=1_000_000,
@@ -159,6 +162,7 @@ CONTINUOUS_DEFAULTS = dict(
     gae_lambda=0.95,
     norm_obs=True,
     norm_reward=True,
+    log_std_init=0.0,
 )
 
 
@@ -582,6 +586,7 @@ def resolve_args(args: Args, discrete: bool) -> Args:
         (0 <= args.accept_ratio < 1, f"--accept-ratio must lie in [0, 1), got {args.accept_ratio}"),
         (args.critic_epochs >= 1, "--critic-epochs must be at least 1"),
         (args.learning_rate > 0, "--learning-rate must be positive"),
+        (math.isfinite(args.log_std_init), f"--log-std-init must be a finite number, got {args.log_std_init}"),
         (args.threads >= 1 and args.hidden_size >= 1, "--threads and --hidden-size must be at least 1"),
     ]
     for ok, message in checks:
@@ -683,6 +688,8 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
         agent = Agent(obs_dim, act_dim, discrete, args.hidden_size).to(device)
     except RuntimeError as e:  # out of memory for the networks asked for
         raise UsageError(f"cannot build the networks (--hidden-size {args.hidden_size}): {first_line(e)}") from None
+    if not discrete:
+        nn.init.constant_(agent.actor_logstd, args.log_std_init)
     theta = actor_parameters(agent)  # the policy's parameters, moved by the trust-region step
     optimizer = torch.optim.Adam(agent.critic.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # phi only
     obs_rms = RunningMeanStd(obs_dim) if args.norm_obs else None
