@@ -20,7 +20,7 @@ SB3_CONTRIB_DEFAULTS = [
     "--num-envs", "1", "--num-steps", "2048", "--cg-iters", "15", "--cg-damping", "0.1", "--critic-epochs", "10",
     "--critic-minibatch-size", "128", "--learning-rate", "1e-3", "--gamma", "0.99", "--gae-lambda", "0.95",
     "--max-kl", "0.01", "--line-search-steps", "10", "--line-search-shrink", "0.8", "--norm-obs", "False",
-    "--norm-reward", "False",
+    "--norm-reward", "False", "--anneal-lr", "False", "--log-std-init", "0",
 ]  # fmt: skip
 
 

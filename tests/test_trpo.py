@@ -270,8 +270,11 @@ def test_cartpole_is_solved(tmp):
     check_trust_region_log(tags, 0.01)
 
 
-def test_inverted_pendulum_learns_to_balance(tmp):
-    run = train("trpo", tmp, "--env", "InvertedPendulum-v5", "--total-timesteps", "40960", "--seed", "1")
+@pytest.mark.parametrize(
+    "flags", [["--total-timesteps", "61440"], ["--preset", "rl-zoo3", "--total-timesteps", "40960"]]
+)
+def test_inverted_pendulum_learns_to_balance(flags, tmp):
+    run = train("trpo", tmp, "--env", "InvertedPendulum-v5", *flags, "--seed", "1")
     tags = scalars(run)
     assert best_mean_of_20(tags["charts/episodic_return"]) >= 950
     assert tags["eval/episodic_return"][-1][1] >= 950
@@ -280,7 +283,7 @@ def test_inverted_pendulum_learns_to_balance(tmp):
 
 @pytest.mark.parametrize("env", ["CartPole-v1", "InvertedPendulum-v5"])
 def test_same_seed_same_returns(env, tmp):
-    flags = ["--env", env, "--total-timesteps", "1024", "--num-steps", "256", "--eval-episodes", "0"]
+    flags = ["--env", env, "--total-timesteps", "1024", "--num-envs", "4", "--num-steps", "256", "--eval-episodes", "0"]
     logs, models = [], []
     for _ in range(2):
         run = train("trpo", tmp, *flags)
@@ -364,3 +367,30 @@ def test_resume_continues_the_run_and_the_critic_optimiser(tmp, monkeypatch):
     assert resumed["global_step"] == 2048 and resumed["iteration"] == 4
     assert resumed["optimizer"]["state"][0]["step"].item() == 4 * per_update
     assert [s for s, _ in scalars(run)["charts/SPS"]] == [512, 1024, 1536, 2048]
+
+
+def test_preset_fills_the_flags_not_given(tmp):
+    """--preset NAME: its settings where no flag was given, a given flag wins, the other flags keep their defaults;
+    the run prints which values came from the preset and starts the Gaussian's log sigma at the preset's value."""
+    for name, preset in trpo.PRESETS.items():
+        resolved = trpo.resolve_args(trpo.Args(env="Hopper-v5", preset=name, num_steps=512), discrete=False)
+        expected = dict(preset, num_steps=512)
+        assert {k: getattr(resolved, k) for k in expected} == expected
+        assert resolved.critic_epochs == trpo.CONTINUOUS_DEFAULTS["critic_epochs"]
+    plain = trpo.resolve_args(trpo.Args(env="Hopper-v5"), discrete=False)
+    assert any(all(getattr(plain, k) == v for k, v in p.items()) for p in trpo.PRESETS.values())  # one is the default
+    zoo = trpo.resolve_args(trpo.Args(env="Hopper-v5", preset="rl-zoo3"), discrete=False)
+    assert (zoo.num_envs, zoo.num_steps, zoo.critic_minibatch_size, zoo.anneal_lr, zoo.log_std_init) == (
+        2, 1024, 128, False, 0.0,
+    )  # fmt: skip
+    proc = run_script(
+        "trpo", "--env", "Pendulum-v1", "--preset", "tianshou", "--num-envs", "2", "--num-steps", "32",
+        "--critic-minibatch-size", "64", "--max-kl", "1e-10", "--total-timesteps", "64", "--eval-episodes", "0",
+        "--no-progress", "--run-dir", str(tmp / "runs"), cwd=tmp,
+    )  # fmt: skip
+    first = proc.stdout.splitlines()[0]
+    assert "num_envs=2 (flag)" in first and "anneal_lr=True (preset)" in first and "log_std_init=-0.5 (preset)" in first
+    (run,) = list((tmp / "runs").iterdir())
+    ckpt = torch.load(run / "trpo.pt", weights_only=False)
+    torch.testing.assert_close(ckpt["model"]["actor_logstd"], torch.full((1,), -0.5), atol=1e-3, rtol=0)
+    assert ckpt["args"]["preset"] == "tianshou" and ckpt["args"]["anneal_lr"] is True
