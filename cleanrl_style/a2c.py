@@ -128,7 +128,8 @@ class Args:
 # HalfCheetah-v5 over Tianshou's MuJoCo settings (16 x 5, RMSprop 7e-4, lambda 0.95, c2 = 0.01) and SB3's
 # (1 x 5, lambda 1): benchmarks/results/pg/tuning.md. The Gaussian's log sigma starts at -0.5 (Tianshou's, sigma 0.61;
 # rl-zoo3's -2 goes with gSDE): at 1M steps (3 seeds) it beat 0 (sigma 1) on HalfCheetah-v5, Hopper-v5 and Walker2d-v5
-# (benchmarks/results/pg/mujoco_a2c_logstd/).
+# (benchmarks/results/pg/mujoco_a2c_logstd/). On Walker2d-v5, --gae-lambda 0.95 does better (1188 against 973;
+# worse on HalfCheetah-v5): benchmarks/results/pg/README.md.
 DISCRETE_DEFAULTS = dict(
     total_timesteps=150_000,
     num_envs=8,
