@@ -3,18 +3,18 @@
     python -m benchmarks.ppo_speed cartpole --seeds 1 2 3
         whole-process wall-clock seconds and env steps until the mean of the last 20 episodes reaches
         475 on CartPole-v1: ppo.py with default flags, SB3 PPO with rl-zoo3's tuned hyperparameters.
-    python -m benchmarks.ppo_speed sps --env HalfCheetah-v5 --steps 40960
+    python -m benchmarks.ppo_speed sps --env HalfCheetah-v5 --steps 40960 [--settings defaults]
         training steps per second, ppo.py --preset paper (eager, and with --compile) beside SB3's defaults,
-        the same PPO settings, one torch thread each. "training SPS": env steps over the seconds of training, the first
-        update (and so --compile's compilation) included; "after the first update": from the end of the
-        first update to the end of the last, the steady rate of a long run.
+        the same PPO settings, one torch thread each; with --settings defaults, ppo.py's own defaults (64 envs
+        x 32 steps) beside SB3 with that rollout shape and beside SB3's defaults. "training SPS": env steps
+        over the seconds of training, the first update (and so --compile's compilation) included; "after the
+        first update": from the end of the first update to the end of the last, the steady rate of a long run.
 
     python -m benchmarks.ppo_speed minibatch
         one mini-batch step of ppo.py's HalfCheetah update (64 samples, 64-unit networks, one thread) in
-        this process: eager, with the loss compiled (--compile), and with the gradient clipping and Adam
-        step compiled too; milliseconds per step, and the seconds of the first epoch (the compilation:
-        the cache starts empty, so the second row compiles the loss from nothing and the third finds it
-        cached and compiles the step).
+        this process: eager, with the loss compiled (what --compile did until 2026-11-24), and with the whole
+        step compiled (--compile now: loss, gradient, clipping and Adam in one program); milliseconds per
+        step, and the seconds of the first epoch (the compilation, from an empty cache).
 
 Runs go one at a time, ours and SB3's alternating, so both see the same machine load. Prints a
 markdown table; --out also writes it (with the command, the date and the machine) to a file.
@@ -112,40 +112,30 @@ def cartpole(args) -> str:
 
 
 def sps(args) -> str:
+    """--settings paper: ppo.py --preset paper (eager and --compile) beside SB3's defaults, the same PPO settings.
+    --settings defaults: ppo.py with its own continuous defaults (Tianshou's: 64 envs x 32 steps), eager and
+    --compile, beside SB3 given the same rollout shape (--n-envs 64 --n-steps 32; the rest of the update is
+    the same: 2048 steps, 10 epochs of mini-batch 64) and beside SB3's defaults (1 env x 2048 steps)."""
     rows = []
     ours = [sys.executable, "cleanrl_style/ppo.py", "--env", args.env, "--total-timesteps", str(args.steps)]
-    ours += ["--preset", "paper", "--no-progress", "--eval-episodes", "0", "--run-dir", str(args.run_dir)]
+    ours += ["--no-progress", "--eval-episodes", "0", "--no-save-model", "--run-dir", str(args.run_dir)]
+    peer = [sys.executable, "benchmarks/peers/sb3.py", "--algo", "ppo", "--env", args.env, "--eval-episodes", "0"]
+    peer += ["--total-timesteps", str(args.steps), "--run-dir", str(args.run_dir)]
+    if args.settings == "paper":
+        label = "ppo.py --preset paper"
+        ours += ["--preset", "paper"]
+        peers = [("SB3 PPO (defaults)", [])]
+    else:
+        label = "ppo.py (defaults)"
+        peers = [("SB3 PPO, 64 envs x 32 steps", ["--n-envs", "64", "--n-steps", "32"]), ("SB3 PPO (defaults)", [])]
     for seed in args.seeds:
-        for name, cmd, pattern in [
-            ("ppo.py --preset paper", ours + ["--seed", str(seed)], f"{args.env}__ppo__{seed}__*"),
-            (
-                "ppo.py --preset paper --compile",
-                ours + ["--seed", str(seed), "--compile"],
-                f"{args.env}__ppo__{seed}__*",
-            ),
-            (
-                "SB3 PPO (defaults)",
-                [
-                    sys.executable,
-                    "benchmarks/peers/sb3.py",
-                    "--algo",
-                    "ppo",
-                    "--env",
-                    args.env,
-                    "--seed",
-                    str(seed),
-                    "--eval-episodes",
-                    "0",
-                    "--total-timesteps",
-                    str(args.steps),
-                    "--run-dir",
-                    str(args.run_dir),
-                ],
-                f"{args.env}__sb3-ppo__{seed}__*",
-            ),
-        ]:
+        ours_pattern, peer_pattern = f"{args.env}__ppo__{seed}__*", f"{args.env}__sb3-ppo__{seed}__*"
+        jobs = [(label, ours + ["--seed", str(seed)], ours_pattern)]
+        jobs.append((f"{label} --compile", ours + ["--seed", str(seed), "--compile"], ours_pattern))
+        jobs += [(name, peer + ["--seed", str(seed)] + extra, peer_pattern) for name, extra in peers]
+        for name, cmd, pattern in jobs:
             rows.append(measure_sps(name, seed, cmd, args.run_dir, pattern))
-    return sps_table(rows, "one thread each")
+    return sps_table(rows, "one thread each", n_peers=len(peers))
 
 
 def minibatch(args) -> str:
@@ -184,19 +174,27 @@ def minibatch(args) -> str:
             loss.backward()
             step_fn()
 
+    def whole_step_epoch(update_step) -> None:
+        """The same epoch with --compile's compiled_update_step (loss, gradient, clipping and Adam in one program)."""
+        perm = torch.randperm(n)
+        for start in range(0, n, B):
+            mb = perm[start : start + B]
+            update_step(s[mb], a[mb], logp_old[mb], A_hat[mb], G[mb], V_old[mb], head_old[mb], beta)
+
+    compiled_loss = torch.compile(ppo.minibatch_loss)  # both compile at their first call
+    update_step = ppo.compiled_update_step(agent, optimizer, run_args)
     rows = []
-    for name, loss_fn, step_fn in [
-        ("eager (ppo.py)", ppo.minibatch_loss, clip_and_step),
-        ("loss compiled (ppo.py --compile)", torch.compile(ppo.minibatch_loss), clip_and_step),
-        ("loss, clipping and Adam step compiled", torch.compile(ppo.minibatch_loss), torch.compile(clip_and_step)),
+    for name, run_epoch in [
+        ("eager (ppo.py)", lambda: epoch(ppo.minibatch_loss, clip_and_step)),
+        ("loss compiled (ppo.py --compile until 2026-11-24)", lambda: epoch(compiled_loss, clip_and_step)),
+        ("whole step compiled (ppo.py --compile)", lambda: whole_step_epoch(update_step)),
     ]:
-        torch._dynamo.reset()
         t0 = time.perf_counter()
-        epoch(loss_fn, step_fn)  # the first epoch compiles
+        run_epoch()  # the first epoch compiles
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(args.epochs):
-            epoch(loss_fn, step_fn)
+            run_epoch()
         ms = (time.perf_counter() - t0) / (args.epochs * n // B) * 1e3
         rows.append((name, ms, first))
         print(rows[-1], flush=True)
@@ -217,9 +215,9 @@ def measure_sps(name: str, seed: int, cmd: list, run_dir: Path, pattern: str) ->
     return row
 
 
-def sps_table(rows: list, ratio_label: str) -> str:
-    """Markdown table of measure_sps rows, the mean per implementation, and the ratio of each of ours (all but
-    the last implementation) to the last, the peer's."""
+def sps_table(rows: list, ratio_label: str, n_peers: int = 1) -> str:
+    """Markdown table of measure_sps rows, the mean per implementation, and the ratio of each of ours to each
+    peer (the last n_peers implementations), by training SPS and, where both have it, by the steady rate."""
     lines = [
         "| implementation | seed | training SPS | after the first update | whole process s |",
         "|---|---|---|---|---|",
@@ -231,9 +229,12 @@ def sps_table(rows: list, ratio_label: str) -> str:
         n: np.mean([r[3] for r in rows if r[0] == n]) if all(r[3] for r in rows if r[0] == n) else None for n in names
     }
     lines += [f"| **{n}: mean** | | {means[n]:,.0f} | {f'{steady[n]:,.0f}' if steady[n] else '–'} | |" for n in names]
-    peer = names[-1]
-    for n in names[:-1]:
-        lines.append(f"\nRatio {n} / {peer} ({ratio_label}), training SPS: **{means[n] / means[peer]:.2f}×**")
+    for peer in names[len(names) - n_peers :]:
+        for n in names[: len(names) - n_peers]:
+            line = f"\nRatio {n} / {peer} ({ratio_label}), training SPS: **{means[n] / means[peer]:.2f}×**"
+            if steady[n]:
+                line += f"; after the first update: **{steady[n] / means[peer]:.2f}×**"
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -244,6 +245,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--env", default="HalfCheetah-v5")
     parser.add_argument("--steps", type=int, default=40960)
+    parser.add_argument(
+        "--settings",
+        choices=["paper", "defaults"],
+        default="paper",
+        help="sps: ppo.py --preset paper beside SB3's defaults (the same settings), or ppo.py's defaults beside "
+        "SB3 with the same rollout shape and beside SB3's defaults",
+    )
     parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "speed")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

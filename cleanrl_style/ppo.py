@@ -118,8 +118,8 @@ class Args:
     threads: int = 1
     """torch CPU threads"""
     compile: bool = False
-    """torch.compile the mini-batch loss (its forward and backward): faster updates after a one-off compilation
-    of ~15-50 s (cached on disk for later runs); the same computation as without"""
+    """torch.compile the update's mini-batch step (loss, gradient, clipping, Adam) into one program: faster updates
+    after a one-off compilation of ~20-60 s (cached on disk for later runs); the same computation as without"""
     capture_video: bool = False
     """record videos of env 0 and of the final evaluation under --video-dir/{run_name}"""
     save_model: bool = True
@@ -476,6 +476,78 @@ def minibatch_loss(agent: Agent, args: Args, s, a, logp_old, A_hat, G, V_old, he
     return loss, pg_loss, v_loss, diagnostics
 
 
+def compiled_update_step(agent: Agent, optimizer: torch.optim.Adam, args: Args):
+    """--compile: the update's mini-batch step as one compiled program. It does what the eager loop does with
+    minibatch_loss, loss.backward(), clip_grad_norm_ and optimizer.step() -- the loss, its gradient (torch.func),
+    the global gradient norm clipped to --max-grad-norm, and Adam's step written out -- in place on the agent's
+    parameters and on the optimizer's own state tensors, so that checkpoints and resuming see the same state.
+    As the eager loop, it leaves everything as it was when the loss is not finite or, with --target-kl, when the
+    mini-batch's k3 exceeds it (the loop then stops; tests/test_ppo_math.py checks the step against the eager one).
+    Returns step(s, a, logp_old, A_hat, G, V_old, head_old, beta) -> (loss, pg_loss, v_loss, diagnostics)."""
+    names = [name for name, _ in agent.named_parameters()]
+    params = [p for _, p in agent.named_parameters()]
+    weights = [p.detach() for p in params]  # the same storage, outside autograd: the step writes into them
+    for p in params:  # Adam's state as torch's (fused) Adam starts it, unless a checkpoint loaded one
+        if not optimizer.state[p]:
+            optimizer.state[p] = {
+                "step": torch.zeros((), dtype=torch.float32, device=p.device),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
+    state = [optimizer.state[p] for p in params]
+    group = optimizer.param_groups[0]
+    (beta1, beta2), eps = group["betas"], group["eps"]
+    lr = torch.zeros((), device=params[0].device)  # a tensor, so that annealing it does not recompile
+
+    class Loss(nn.Module):  # torch.func.functional_call runs a module's forward with given weights: the loss's
+        def __init__(self):
+            super().__init__()
+            self.agent = agent
+
+        def forward(self, *batch):
+            return minibatch_loss(self.agent, args, *batch)
+
+    loss_module = Loss()
+
+    def loss_and_aux(weights, batch):
+        loss, pg_loss, v_loss, diagnostics = torch.func.functional_call(
+            loss_module, {f"agent.{name}": w for name, w in zip(names, weights)}, batch
+        )
+        return loss, (loss, pg_loss, v_loss, diagnostics)
+
+    grad_and_value = torch.func.grad(loss_and_aux, has_aux=True)
+
+    def step(lr, *batch):
+        grads, (loss, pg_loss, v_loss, diagnostics) = grad_and_value(weights, batch)
+        take = torch.isfinite(loss)
+        if args.target_kl is not None:
+            take = take & (diagnostics[1] <= args.target_kl)
+        if args.max_grad_norm > 0:  # clip_grad_norm_: scale all gradients so that their joint norm is at most the bound
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            grads = [g * torch.clamp(args.max_grad_norm / (norm + 1e-6), max=1.0) for g in grads]
+        with torch.no_grad():
+            for w, g, st in zip(weights, grads, state):  # Adam, as torch.optim.Adam computes it
+                m, v, t = st["exp_avg"], st["exp_avg_sq"], st["step"]
+                t_new = t + take.float()
+                m_new = m.lerp(g, 1.0 - beta1)
+                v_new = v * beta2 + (1.0 - beta2) * g * g
+                denom = (v_new.sqrt() / (1.0 - beta2**t_new).sqrt()) + eps
+                w_new = w - (lr / (1.0 - beta1**t_new)) * m_new / denom
+                w.copy_(torch.where(take, w_new, w))
+                m.copy_(torch.where(take, m_new, m))
+                v.copy_(torch.where(take, v_new, v))
+                t.copy_(t_new)
+        return loss, pg_loss, v_loss, diagnostics
+
+    compiled = torch.compile(step)
+
+    def run(*batch):
+        lr.fill_(group["lr"])
+        return compiled(lr, *batch)
+
+    return run
+
+
 def resolve_args(args: Args, discrete: bool) -> Args:
     """Fill the defaults that depend on the action space, then check that the values fit."""
     check_common_args(args)
@@ -608,7 +680,6 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
     if not discrete:
         nn.init.constant_(agent.actor_logstd, args.log_std_init)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-    loss_fn = torch.compile(minibatch_loss) if args.compile else minibatch_loss
     obs_rms = RunningMeanStd(obs_dim) if args.norm_obs else None
     ret_rms = RunningMeanStd(()) if args.norm_reward else None
     beta, global_step, iteration = args.beta, 0, 0
@@ -621,6 +692,7 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
             ret_rms.load_state_dict(ckpt["ret_rms"])
         beta, global_step, iteration = ckpt["beta"], ckpt["global_step"], ckpt["iteration"]
         print(f"resumed {args.resume} at global step {global_step}")
+    update_step = compiled_update_step(agent, optimizer, args) if args.compile else None
 
     def checkpoint() -> dict:
         """The whole state of the run, copied (so that it stays the state of this moment)."""
@@ -736,10 +808,11 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
                 perm = torch.randperm(batch_size, device=device)
                 for start in range(0, batch_size, args.minibatch_size):
                     mb = perm[start : start + args.minibatch_size]
-                    loss, pg_loss, v_loss, mb_diagnostics = loss_fn(
-                        agent, args, b_obs[mb], b_actions[mb], b_logp_old[mb], b_A[mb], b_G[mb], b_V[mb],
-                        b_head_old[mb], beta_t,
-                    )  # fmt: skip
+                    batch = (b_obs[mb], b_actions[mb], b_logp_old[mb], b_A[mb], b_G[mb], b_V[mb], b_head_old[mb])
+                    if args.compile:  # the loss and the step below in one compiled program (taken there, or not)
+                        loss, pg_loss, v_loss, mb_diagnostics = update_step(*batch, beta_t)
+                    else:
+                        loss, pg_loss, v_loss, mb_diagnostics = minibatch_loss(agent, args, *batch, beta_t)
                     diagnostics.append(mb_diagnostics)
                     if args.target_kl is not None and mb_diagnostics[1].item() > args.target_kl:
                         early_stop = True
@@ -747,11 +820,12 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
                     if not torch.isfinite(loss):
                         losses = f"policy {pg_loss.item()}, value {v_loss.item()}"
                         raise RunFault(f"non-finite loss at global step {global_step} ({losses})")
-                    optimizer.zero_grad()
-                    loss.backward()
-                    if args.max_grad_norm > 0:
-                        nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                    optimizer.step()
+                    if not args.compile:
+                        optimizer.zero_grad()
+                        loss.backward()
+                        if args.max_grad_norm > 0:
+                            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                        optimizer.step()
                     steps_done += 1
                 if early_stop:
                     break

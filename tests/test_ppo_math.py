@@ -270,6 +270,66 @@ def test_compiled_minibatch_loss_is_the_eager_one(loss):
             torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        dict(loss="clip", ent_coef=0.01, clip_vloss=True, max_grad_norm=0.05),  # the bound clips every step
+        dict(loss="kl", max_grad_norm=0.0, target_kl=0.045),  # no clipping; about half the mini-batches refused
+    ],
+)
+def test_compiled_update_step_is_the_eager_step(flags):
+    """--compile: compiled_update_step (loss, torch.func gradient, clipping and Adam in one program) moves the
+    parameters and Adam's state as minibatch_loss, backward, clip_grad_norm_ and torch's fused Adam do, step after
+    step with an annealed learning rate; a mini-batch whose k3 exceeds --target-kl, or whose loss is not finite,
+    changes nothing (the eager loop does not step on it)."""
+    torch.manual_seed(0)
+    args = ppo.resolve_args(ppo.Args(env="Pendulum-v1", **flags), discrete=False)
+    eager = ppo.Agent(obs_dim=5, act_dim=2, discrete=False)
+    compiled = copy.deepcopy(eager)
+    opt_eager = torch.optim.Adam(eager.parameters(), lr=3e-3, eps=1e-5, fused=True)
+    opt_compiled = torch.optim.Adam(compiled.parameters(), lr=3e-3, eps=1e-5, fused=True)
+    step = ppo.compiled_update_step(compiled, opt_compiled, args)
+    n, B = 512, 64
+    s, a = torch.randn(n, 5), torch.randn(n, 2)
+    with torch.no_grad():
+        head_old = eager.head(s)
+    logp_old = eager.log_prob(head_old, a) + 0.3 * torch.randn(n)
+    A_hat, G, V_old = torch.randn(n), torch.randn(n), torch.randn(n)
+    beta = torch.tensor(1.0)
+    refused = 0
+    for i in range(24):
+        for opt in (opt_eager, opt_compiled):
+            opt.param_groups[0]["lr"] = 3e-3 * (1.0 - i / 24)
+        mb = torch.randint(0, n, (B,))
+        batch = (s[mb], a[mb], logp_old[mb], A_hat[mb], G[mb], V_old[mb], head_old[mb])
+        if i == 20:  # a non-finite loss
+            batch = batch[:3] + (torch.full((B,), float("nan")),) + batch[4:]
+        out = ppo.minibatch_loss(eager, args, *batch, beta)
+        before = [p.detach().clone() for p in compiled.parameters()]
+        out_compiled = step(*batch, beta)
+        for x, y in zip(out_compiled, out):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5, equal_nan=True)
+        if not torch.isfinite(out[0]) or (args.target_kl is not None and out[3][1] > args.target_kl):
+            refused += 1
+            for p, p_before in zip(compiled.parameters(), before):
+                torch.testing.assert_close(p.detach(), p_before, rtol=0, atol=0)
+            continue
+        opt_eager.zero_grad()
+        out[0].backward()
+        if args.max_grad_norm > 0:
+            total = torch.nn.utils.clip_grad_norm_(eager.parameters(), args.max_grad_norm)
+            assert total > args.max_grad_norm  # the bound was active
+        opt_eager.step()
+        for p, q in zip(compiled.parameters(), eager.parameters()):
+            torch.testing.assert_close(p.detach(), q.detach(), atol=2e-6, rtol=1e-5)
+    assert refused >= 1 and refused < 24
+    for p, q in zip(compiled.parameters(), eager.parameters()):
+        state_c, state_e = opt_compiled.state[p], opt_eager.state[q]
+        torch.testing.assert_close(state_c["step"], state_e["step"], rtol=0, atol=0)
+        torch.testing.assert_close(state_c["exp_avg"], state_e["exp_avg"], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(state_c["exp_avg_sq"], state_e["exp_avg_sq"], atol=1e-8, rtol=1e-4)
+
+
 def test_snapshot_is_an_independent_copy():
     """The last good state (plumbing's snapshot): training after it changes nothing in it, and it holds what
     copy.deepcopy would."""

@@ -43,6 +43,10 @@ class Args:
     """torch CPU threads"""
     progress: bool = True
     """accepted for the harness; SB3's own output is off"""
+    n_envs: int | None = None
+    """parallel environments (DummyVecEnv), overriding the defaults' or rl-zoo3's number"""
+    n_steps: int | None = None
+    """steps per environment per rollout (on-policy algorithms), overriding the defaults' or rl-zoo3's number"""
 
 
 # rl-zoo3 hyperparams/ppo.yml, CartPole-v1 (lin_ = linear decay to 0 over the run)
@@ -127,12 +131,23 @@ def main(args: Args) -> int:
         for k in LINEAR.get((args.algo, args.env), ()):
             if k in hp:
                 hp[k] = (lambda v: lambda f: f * v)(hp[k])
+    for name, value in (("n_envs", args.n_envs), ("n_steps", args.n_steps)):
+        if value is not None and value < 1:
+            print(f"error: --{name.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
+            return 2
+    if args.n_steps is not None:
+        if args.algo == "dqn":
+            print("error: --n-steps is for the on-policy algorithms (ppo, a2c, trpo), not dqn", file=sys.stderr)
+            return 2
+        hp["n_steps"] = args.n_steps
+    n_envs = args.n_envs or n_envs
     run = Path(args.run_dir) / f"{args.env}__sb3-{args.algo}__{args.seed}__{int(time.time())}"
     writer = SummaryWriter(str(run))
     writer.add_text(
         "hyperparameters",
         f"SB3 {args.algo}, {'rl-zoo3' if args.zoo else 'defaults'}: "
-        f"{ZOO.get((args.algo, args.env)) if args.zoo else {}}",
+        f"{ZOO.get((args.algo, args.env)) if args.zoo else {}}"
+        + (f"; overridden: n_envs={args.n_envs}, n_steps={args.n_steps}" if args.n_envs or args.n_steps else ""),
     )
 
     class Log(BaseCallback):
