@@ -300,3 +300,24 @@ def test_preset_fills_the_flags_not_given_and_sets_log_sigma(tmp):
     ckpt = torch.load(next(run.glob("*.pt")), weights_only=False)
     torch.testing.assert_close(ckpt["model"]["actor_logstd"], torch.full((1,), -0.5), atol=1e-6, rtol=0)
     assert ckpt["args"]["recompute_adv"] is True and ckpt["args"]["preset"] == "tianshou"
+
+
+def test_preset_wide_builds_256_unit_networks(tmp):
+    """--preset wide: Tianshou's settings with 256-unit hidden layers; a given --hidden-size wins; without the preset
+    the layers have 64 units, discrete or continuous."""
+    wide = ppo.resolve_args(ppo.Args(env="HalfCheetah-v5", preset="wide"), discrete=False)
+    assert wide.hidden_size == 256
+    assert {k: getattr(wide, k) for k in ppo.PRESETS["tianshou"]} == ppo.PRESETS["tianshou"]
+    assert (
+        ppo.resolve_args(ppo.Args(env="HalfCheetah-v5", preset="wide", hidden_size=32), discrete=False).hidden_size
+        == 32
+    )
+    assert ppo.resolve_args(ppo.Args(env="HalfCheetah-v5"), discrete=False).hidden_size == 64
+    assert ppo.resolve_args(ppo.Args(env="CartPole-v1"), discrete=True).hidden_size == 64
+    run = train(
+        "ppo", tmp, "--env", "Pendulum-v1", "--preset", "wide", "--num-envs", "2", "--total-timesteps", "64",
+        "--minibatch-size", "32", "--update-epochs", "1", "--eval-episodes", "0",
+    )  # fmt: skip
+    ckpt = torch.load(next(run.glob("*.pt")), weights_only=False)
+    assert ckpt["args"]["hidden_size"] == 256
+    assert ckpt["model"]["actor.0.weight"].shape == (256, 3) and ckpt["model"]["critic.2.weight"].shape == (256, 256)
