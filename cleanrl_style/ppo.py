@@ -21,6 +21,7 @@ Run:
     python cleanrl_style/ppo.py --env CartPole-v1 --loss kl --kl-estimator k3
     python cleanrl_style/ppo.py --env HalfCheetah-v5
     python cleanrl_style/ppo.py --env HalfCheetah-v5 --preset paper
+    python cleanrl_style/ppo.py --env Walker2d-v5 --preset wide --compile
 """
 
 import collections
@@ -187,8 +188,8 @@ PRESETS = {
     # start: the continuous defaults, here for discrete actions or to name them.
     "tianshou": dict(num_envs=64, num_steps=32, vf_coef=0.25, norm_adv=False, recompute_adv=True, log_std_init=-0.5),
     # Tianshou's settings with 256-unit hidden layers (rl-zoo3's width for its tuned Walker2d PPO): at 1M steps, 3
-    # seeds, Walker2d-v5 3687 and HalfCheetah-v5 ~7000 against 3410 and 6166 with 64 units
-    # (benchmarks/results/ppo_presets/, suites ppo_walker_h256 and ppo_h256), for about twice the compute per step.
+    # seeds, Walker2d-v5 3687 and HalfCheetah-v5 6890 against 3410 and 6166 with 64 units
+    # (benchmarks/results/ppo_presets/, suites ppo_walker_h256 and ppo_h256); Hopper-v5 worse, and ~2.6x slower.
     "wide": dict(
         num_envs=64, num_steps=32, vf_coef=0.25, norm_adv=False, recompute_adv=True, log_std_init=-0.5, hidden_size=256
     ),
