@@ -83,7 +83,7 @@ class Args:
     critic_epochs: int | None = None
     """epochs of Adam over the rollout for the critic V_phi per update (default: 20 discrete, 20 continuous)"""
     critic_minibatch_size: int | None = None
-    """samples per critic mini-batch; must divide N*T (default: 128 discrete, 1024 continuous)"""
+    """samples per critic mini-batch; must divide N*T; 0: the whole batch (default: 128 discrete, 0 continuous)"""
     learning_rate: float | None = None
     """alpha, the critic's Adam step size (default: 1e-3 discrete, 1e-3 continuous)"""
     anneal_lr: bool | None = None
@@ -162,7 +162,7 @@ CONTINUOUS_DEFAULTS = dict(
     cg_iters=25,
     cg_damping=0.1,
     critic_epochs=20,
-    critic_minibatch_size=1024,
+    critic_minibatch_size=0,  # the whole batch of N*T steps
     learning_rate=1e-3,
     gamma=0.99,
     gae_lambda=0.95,
@@ -180,7 +180,7 @@ PRESETS = {
     # Tianshou's MuJoCo TRPO (its benchmark's examples/mujoco/mujoco_trpo.py; our reward scaling kept where it scales
     # the critic's targets): the continuous defaults, here for discrete actions or to name them.
     # benchmarks/suites/trpo_tianshou.toml.
-    "tianshou": dict(num_envs=16, num_steps=64, critic_minibatch_size=1024, anneal_lr=True, log_std_init=-0.5),
+    "tianshou": dict(num_envs=16, num_steps=64, critic_minibatch_size=0, anneal_lr=True, log_std_init=-0.5),
 }
 
 
@@ -584,6 +584,8 @@ def resolve_args(args: Args, discrete: bool) -> Args:
     defaults = {**defaults, **PRESETS.get(args.preset, {})}  # a flag given > the preset > the default
     args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
     batch_size = args.num_envs * args.num_steps
+    if args.critic_minibatch_size == 0 and batch_size >= 1:
+        args = dataclasses.replace(args, critic_minibatch_size=batch_size)
     checks = [
         (0.0 <= args.gamma <= 1.0, f"--gamma must lie in [0, 1], got {args.gamma}"),
         (0.0 <= args.gae_lambda <= 1.0, f"--gae-lambda must lie in [0, 1], got {args.gae_lambda}"),

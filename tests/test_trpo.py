@@ -1,6 +1,7 @@
 """trpo.py: the Fisher-vector product against the explicit Hessian, conjugate gradient, the step-size rule, the
 line search and its guards, then real runs (learning, determinism, faults)."""
 
+import dataclasses
 import math
 import sys
 import time
@@ -375,10 +376,17 @@ def test_preset_fills_the_flags_not_given(tmp):
     for name, preset in trpo.PRESETS.items():
         resolved = trpo.resolve_args(trpo.Args(env="Hopper-v5", preset=name, num_steps=512), discrete=False)
         expected = dict(preset, num_steps=512)
+        if expected["critic_minibatch_size"] == 0:  # 0: the whole batch of N*T steps
+            expected["critic_minibatch_size"] = resolved.num_envs * 512
         assert {k: getattr(resolved, k) for k in expected} == expected
         assert resolved.critic_epochs == trpo.CONTINUOUS_DEFAULTS["critic_epochs"]
-    plain = trpo.resolve_args(trpo.Args(env="Hopper-v5"), discrete=False)
+    plain = trpo.resolve_args(trpo.Args(env="Hopper-v5", critic_minibatch_size=0), discrete=False)
+    assert plain.critic_minibatch_size == plain.num_envs * plain.num_steps == 1024
+    assert trpo.resolve_args(trpo.Args(env="Hopper-v5"), discrete=False) == plain
+    plain = dataclasses.replace(plain, critic_minibatch_size=0)
     assert any(all(getattr(plain, k) == v for k, v in p.items()) for p in trpo.PRESETS.values())  # one is the default
+    halved = trpo.resolve_args(trpo.Args(env="Hopper-v5", num_steps=32), discrete=False)  # the whole batch follows
+    assert halved.critic_minibatch_size == 512
     zoo = trpo.resolve_args(trpo.Args(env="Hopper-v5", preset="rl-zoo3"), discrete=False)
     assert (zoo.num_envs, zoo.num_steps, zoo.critic_minibatch_size, zoo.anneal_lr, zoo.log_std_init) == (
         2, 1024, 128, False, 0.0,
