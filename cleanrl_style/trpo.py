@@ -592,8 +592,8 @@ def resolve_args(args: Args, discrete: bool) -> Args:
         (args.num_envs >= 1 and args.num_steps >= 1, "--num-envs and --num-steps must be at least 1"),
         (
             args.critic_minibatch_size >= 1 and batch_size % args.critic_minibatch_size == 0,
-            f"--critic-minibatch-size {args.critic_minibatch_size} does not divide the batch num_envs*num_steps = "
-            f"{batch_size}",
+            f"--critic-minibatch-size {args.critic_minibatch_size} must divide the batch num_envs*num_steps = "
+            f"{batch_size} (or be 0: the whole batch)",
         ),
         (
             args.total_timesteps >= batch_size,

@@ -306,6 +306,7 @@ def test_same_seed_same_returns(env, tmp):
         ["--cg-damping", "-0.1"],
         ["--accept-ratio", "1.0"],
         ["--critic-minibatch-size", "100"],  # does not divide the batch of 4 * 128
+        ["--critic-minibatch-size", "-3"],
         ["--critic-epochs", "0"],
     ],
 )
