@@ -187,13 +187,11 @@ PRESETS = {
     # steps per rollout), c1 0.25, no advantage normalisation, A_hat recomputed every epoch, log sigma -0.5 at the
     # start: the continuous defaults, here for discrete actions or to name them.
     "tianshou": dict(num_envs=64, num_steps=32, vf_coef=0.25, norm_adv=False, recompute_adv=True, log_std_init=-0.5),
-    # Tianshou's settings with 256-unit hidden layers (rl-zoo3's width for its tuned Walker2d PPO): at 1M steps, 3
-    # seeds, Walker2d-v5 3687 and HalfCheetah-v5 6890 against 3410 and 6166 with 64 units
-    # (benchmarks/results/ppo_presets/, suites ppo_walker_h256 and ppo_h256); Hopper-v5 worse, and ~2.6x slower.
-    "wide": dict(
-        num_envs=64, num_steps=32, vf_coef=0.25, norm_adv=False, recompute_adv=True, log_std_init=-0.5, hidden_size=256
-    ),
 }
+# Tianshou's settings with 256-unit hidden layers (rl-zoo3's width for its tuned Walker2d PPO): at 1M steps, 3 seeds,
+# Walker2d-v5 3687 and HalfCheetah-v5 6890 against 3410 and 6166 with 64 units (benchmarks/results/ppo_presets/,
+# suites ppo_walker_h256 and ppo_h256); Hopper-v5 worse, and ~2.6x slower.
+PRESETS["wide"] = dict(PRESETS["tianshou"], hidden_size=256)
 
 
 # ----------------------------------------------------------------------------------------------
