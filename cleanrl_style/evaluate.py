@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import tyro
 
+import plumbing
+
 SCRIPTS = Path(__file__).resolve().parent
 
 
@@ -63,12 +65,13 @@ def main(args: Args) -> int:
         return fail(f"cannot evaluate '{args.checkpoint}': {e}")
     except Exception as e:  # empty, truncated, text or random bytes, another project's file
         return fail(f"'{args.checkpoint}' is not a checkpoint written by these scripts ({type(e).__name__})")
-    script.headless_rendering()
+    plumbing.headless_rendering()
     seed = ckpt["args"]["seed"] if args.seed is None else args.seed
     video_folder = str(Path(args.video_dir) / f"eval_{Path(args.checkpoint).resolve().parent.name}")
     try:
-        returns = script.evaluate(ckpt, args.episodes, seed, args.capture_video, video_folder, args.device)
-    except script.UsageError as e:  # the checkpoint's env is not registered here, or cannot be made
+        progress = sys.stderr.isatty()  # a bar over the episodes on a terminal
+        returns = script.evaluate(ckpt, args.episodes, seed, args.capture_video, video_folder, args.device, progress)
+    except plumbing.UsageError as e:  # the checkpoint's env is not registered here, or cannot be made
         return fail(str(e))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

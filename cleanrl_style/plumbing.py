@@ -157,7 +157,7 @@ def fill_defaults(args, defaults: dict):
 def announce(args, ckpt: dict | None, head: str, keys, given=(), preset=(), tail: str = "") -> None:
     """The settings line a run starts with: `head`, then each of `keys` with its value, marked (flag), (preset) or,
     on a resumed run, (saved) where it does not come from the defaults, then `tail`."""
-    marks = dict.fromkeys(preset, " (preset)") | dict.fromkeys(given, " (flag)")
+    marks = dict.fromkeys(preset or (), " (preset)") | dict.fromkeys(given, " (flag)")
     marks = dict.fromkeys(keys, " (saved)") if ckpt is not None else marks
     print(head + ", ".join(f"{k}={getattr(args, k)}{marks.get(k, '')}" for k in keys) + tail)
 
@@ -578,6 +578,7 @@ def start_run(args, ckpt: dict | None, t_start: float) -> tuple[Path, SummaryWri
     """The run directory runs/{env}__{exp_name}__{seed}__{unix_time} (never shared: a second run started in the same
     second gets a suffix -2, -3, ...), or the resumed run's own; args.json; the TensorBoard writer, which on resume
     purges the events logged past the checkpoint's step (by a run killed after its last checkpoint)."""
+    args = with_exp_name(args)
     try:
         if ckpt is not None:
             run_path = Path(args.resume).parent

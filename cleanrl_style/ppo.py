@@ -19,8 +19,7 @@ from V of the true final observation; after a termination it never bootstraps.
 Run:
     python cleanrl_style/ppo.py --env CartPole-v1
     python cleanrl_style/ppo.py --env CartPole-v1 --loss kl --kl-estimator k3
-    python cleanrl_style/ppo.py --env HalfCheetah-v5
-    python cleanrl_style/ppo.py --env HalfCheetah-v5 --preset paper
+    python cleanrl_style/ppo.py --env HalfCheetah-v5            (--preset paper: the PPO paper's settings)
     python cleanrl_style/ppo.py --env Walker2d-v5 --preset wide --compile
 """
 
@@ -153,9 +152,8 @@ def mlp(n_in: int, n_out: int, hidden: int, out_std: float) -> nn.Sequential:
 
 
 class Agent(nn.Module):
-    """Separate actor and critic MLPs (two tanh layers). The actor's output `head` is the Categorical's logits
-    (discrete) or [mu, log sigma] of a Gaussian with state-independent sigma. The distributions' log pi, entropy
-    and exact KL are plumbing's categorical_* and gaussian_* functions."""
+    """Separate actor and critic MLPs (two tanh layers). The actor's output `head` is the Categorical's logits or
+    [mu, log sigma] of a Gaussian with state-independent sigma (log pi, H and KL: plumbing's distributions)."""
 
     def __init__(self, obs_dim: int, act_dim: int, discrete: bool, hidden: int = 64):
         super().__init__()
@@ -179,8 +177,7 @@ class Agent(nn.Module):
     def log_prob(self, head: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         if self.discrete:
             return plumbing.categorical_log_prob(head, a)
-        mu, log_std = head.chunk(2, -1)
-        return plumbing.gaussian_log_prob(mu, log_std, a)
+        return plumbing.gaussian_log_prob(*head.chunk(2, -1), a)
 
     def entropy(self, head: torch.Tensor) -> torch.Tensor:
         return plumbing.categorical_entropy(head) if self.discrete else plumbing.gaussian_entropy(head.chunk(2, -1)[1])
@@ -202,8 +199,7 @@ class Agent(nn.Module):
 
 
 def gae(r, V, V_next, terminated, ended, gamma: float, gae_lambda: float) -> np.ndarray:
-    """Generalised advantage estimates over a rollout of shape (T, N).
-
+    """Generalised advantage estimates over a rollout of shape (T, N):
     delta_t = r_t + gamma (1 - terminated_t) V_next_t - V_t, where V_next_t is V of the observation that
     followed s_t (on a truncation: the true final observation, not the reset one), and
     A_hat_t = delta_t + gamma lambda (1 - ended_t) A_hat_{t+1}, ended_t = terminated_t or truncated_t.
@@ -269,21 +265,14 @@ def minibatch_loss(agent: Agent, args: Args, s, a, logp_old, A_hat, G, V_old, he
     if args.loss == "clip":
         pg_loss = -clip_objective(rho, A_hat, args.clip_eps).mean()
     else:
-        if args.kl_estimator == "exact":
-            kl = agent.kl(head_old, head)
-        else:
-            kl = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}[args.kl_estimator](log_rho)
+        estimator = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}.get(args.kl_estimator)  # None: the exact KL
+        kl = agent.kl(head_old, head) if estimator is None else estimator(log_rho)
         pg_loss = -(rho * A_hat).mean() + beta * kl.mean()
     v_loss = value_loss(agent.value(s), G, V_old, args.clip_eps if args.clip_vloss else None)
     loss = pg_loss + args.vf_coef * v_loss
     if args.ent_coef != 0:  # the bonus -c2 H (left out of the graph, not multiplied by 0, when c2 = 0)
         loss = loss - args.ent_coef * agent.entropy(head).mean()
     return loss, pg_loss, v_loss, diagnostics
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
 
 
 def main(args: Args, stop: plumbing.StopSignal | None = None) -> int:
@@ -297,9 +286,8 @@ def main(args: Args, stop: plumbing.StopSignal | None = None) -> int:
     device = plumbing.setup(args)  # seeds, torch threads, headless rendering
     kind = "discrete" if discrete else "continuous"
     head = f"ppo on {args.env} ({kind} actions {act_space}); {kind} defaults, overridden where marked: "
-    plumbing.announce(
-        args, ckpt, head, DEFAULTS, given, PRESETS.get(args.preset, {}), f"; loss={args.loss}, device={device}"
-    )
+    tail = f"; loss={args.loss}, device={device}"
+    plumbing.announce(args, ckpt, head, DEFAULTS, given, PRESETS.get(args.preset), tail)
     N, T = args.num_envs, args.num_steps
     batch_size = N * T
     num_iterations = args.total_timesteps // batch_size
@@ -321,11 +309,7 @@ def main(args: Args, stop: plumbing.StopSignal | None = None) -> int:
         plumbing.restore(ckpt, model=agent, optimizer=optimizer, obs_rms=obs_rms, ret_rms=ret_rms)
         beta, global_step, iteration = ckpt["beta"], ckpt["global_step"], ckpt["iteration"]
         print(f"resumed {args.resume} at global step {global_step}")
-    if args.compile:  # the loss, backward, clipping and Adam's step below as one compiled program (speed only)
-        accept = (lambda out: out[3][1] <= args.target_kl) if args.target_kl is not None else None
-        update_step = plumbing.compiled_step(
-            agent, optimizer, lambda m, *b: minibatch_loss(m, args, *b), args.max_grad_norm, accept
-        )
+    update_step = compiled_update_step(agent, optimizer, args) if args.compile else None  # speed only
 
     def state() -> dict:  # what a checkpoint holds of the run (plumbing adds the format, algorithm, env id and args)
         return {"global_step": global_step, "iteration": iteration, "model": agent.state_dict(),
@@ -462,11 +446,6 @@ def main(args: Args, stop: plumbing.StopSignal | None = None) -> int:
     return run.end(envs)
 
 
-# ----------------------------------------------------------------------------------------------
-# Settings and evaluation
-# ----------------------------------------------------------------------------------------------
-
-
 def resolve_args(args: Args, discrete: bool) -> Args:
     """Fill the defaults that depend on the action space (a flag given > the preset > the default), then check that
     the values fit."""
@@ -499,6 +478,14 @@ def resolve_args(args: Args, discrete: bool) -> Args:
         ]
     )
     return args
+
+
+def compiled_update_step(agent: Agent, optimizer: torch.optim.Adam, args: Args):
+    """--compile: minibatch_loss, its backward pass, the gradient clipping and Adam's step as one compiled program
+    (plumbing.compiled_step); with --target-kl, a mini-batch whose k3 exceeds it is not taken, as in the loop."""
+    accept = (lambda out: out[3][1] <= args.target_kl) if args.target_kl is not None else None
+    loss = lambda module, *batch: minibatch_loss(module, args, *batch)  # noqa: E731
+    return plumbing.compiled_step(agent, optimizer, loss, args.max_grad_norm, accept)
 
 
 def evaluate(ckpt: dict, episodes: int, seed: int, *more, **kw) -> np.ndarray:

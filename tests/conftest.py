@@ -11,9 +11,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "cleanrl_style"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(SCRIPTS))  # the scripts' shared module, plumbing.py, as the scripts import it
 
-# Every training script in cleanrl_style/ (the evaluation entry point and package files are not).
-TRAINING_SCRIPTS = sorted(p.stem for p in SCRIPTS.glob("*.py") if not p.name.startswith("_") and p.stem != "evaluate")
+# Every training script in cleanrl_style/ (the evaluation entry point, the shared module and package files are not).
+TRAINING_SCRIPTS = sorted(
+    p.stem for p in SCRIPTS.glob("*.py") if not p.name.startswith("_") and p.stem not in ("evaluate", "plumbing")
+)
 
 
 def script_env() -> dict:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import SCRIPTS, TRAINING_SCRIPTS, run_script, scalars, script_env, train
 
+import plumbing
 from cleanrl_style import ppo, q_learning, sarsa
 
 MODULES = {"ppo": ppo, "q_learning": q_learning, "sarsa": sarsa}
@@ -71,7 +72,7 @@ def test_two_runs_in_the_same_second_get_their_own_directories(name, tmp):
     args = module.Args(run_dir=str(tmp / "runs"))
     paths = []
     for _ in range(3):
-        path, writer = module.start_run(args, None, 1_700_000_000.0)
+        path, writer = plumbing.start_run(args, None, 1_700_000_000.0)
         writer.close()
         paths.append(path)
     assert len(set(paths)) == 3 and all(p.parent == tmp / "runs" for p in paths)
@@ -81,7 +82,7 @@ def test_two_runs_in_the_same_second_get_their_own_directories(name, tmp):
 
 def test_an_env_id_with_a_namespace_makes_one_directory(tmp):
     args = ppo.Args(env="phys2d/CartPole-v1", run_dir=str(tmp / "runs"))
-    path, writer = ppo.start_run(args, None, 1_700_000_000.0)
+    path, writer = plumbing.start_run(args, None, 1_700_000_000.0)
     writer.close()
     assert path.parent == tmp / "runs" and path.name.startswith("phys2d-CartPole-v1__ppo__1__")
 
@@ -112,7 +113,7 @@ def test_a_signal_mid_run_checkpoints_and_exits_130(name, sig, tmp):
 def test_a_signal_before_training_still_leaves_a_resumable_checkpoint(name, tmp, monkeypatch):
     module = load(name)
     monkeypatch.chdir(tmp)
-    stop = module.StopSignal(install=False)
+    stop = plumbing.StopSignal(install=False)
     stop.requested.set()  # Ctrl-C while the run was being set up
     args = module.Args(run_dir=str(tmp / "runs"), progress=False)
     assert module.main(args, stop) == 130
@@ -124,7 +125,7 @@ def test_a_signal_before_training_still_leaves_a_resumable_checkpoint(name, tmp,
 def test_a_signal_during_the_final_evaluation_exits_130_with_the_checkpoint(name, tmp, monkeypatch, capsys):
     module = load(name)
     monkeypatch.chdir(tmp)
-    stop = module.StopSignal(install=False)
+    stop = plumbing.StopSignal(install=False)
 
     def evaluation_interrupted(*a, **k):
         stop.handle(signal.SIGINT, None)  # what the installed handler does when Ctrl-C arrives
@@ -177,7 +178,7 @@ def test_bad_input_through_cli_gives_one_line_and_exit_2_writing_nothing(name, t
         before = sorted(tmp.rglob("*"))
         run_dir = ["--run-dir", str(tmp / "runs")] if "--run-dir" not in flags else []
         monkeypatch.setattr(sys, "argv", [f"{name}.py", *flags, *run_dir])
-        assert module.cli() == 2, case
+        assert plumbing.cli(module.Args, module.main, module.__doc__) == 2, case
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and err[0].startswith("error:"), (case, err)
         assert sorted(tmp.rglob("*")) == before, case

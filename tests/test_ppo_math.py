@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, Normal, kl_divergence
 
+import plumbing
 from cleanrl_style import ppo
 
 
@@ -31,7 +32,7 @@ def test_worked_example_ratio_and_clip():
     def logits(p):
         return torch.stack([p.log(), (1 - p).log()], -1)
 
-    log_rho = ppo.categorical_log_prob(logits(pi_theta), a) - ppo.categorical_log_prob(logits(pi_old), a)
+    log_rho = plumbing.categorical_log_prob(logits(pi_theta), a) - plumbing.categorical_log_prob(logits(pi_old), a)
     rho = log_rho.exp()
     np.testing.assert_allclose(rho, [1.25, 1.1, 2 / 3], atol=1e-6)
     np.testing.assert_allclose(torch.clamp(rho, 0.8, 1.2), [1.2, 1.1, 0.8], atol=1e-6)
@@ -121,18 +122,18 @@ def two_categoricals():
 def test_exact_kl_matches_torch_distributions():
     logits_q, logits_p = two_categoricals()
     expected = kl_divergence(Categorical(logits=logits_q), Categorical(logits=logits_p))
-    assert ppo.categorical_kl(logits_q, logits_p).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert plumbing.categorical_kl(logits_q, logits_p).item() == pytest.approx(expected.item(), rel=1e-6)
     mu_q, ls_q = torch.tensor([0.1, -0.3, 1.0]), torch.tensor([0.0, -0.5, 0.2])
     mu_p, ls_p = torch.tensor([0.4, 0.1, 0.8]), torch.tensor([-0.2, -0.1, 0.3])
     expected = kl_divergence(Normal(mu_q, ls_q.exp()), Normal(mu_p, ls_p.exp())).sum()
-    assert ppo.gaussian_kl(mu_q, ls_q, mu_p, ls_p).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert plumbing.gaussian_kl(mu_q, ls_q, mu_p, ls_p).item() == pytest.approx(expected.item(), rel=1e-6)
     # log-prob and entropy against torch.distributions too
     a = torch.tensor([0.3, 0.2, -1.0])
-    assert ppo.gaussian_log_prob(mu_p, ls_p, a).item() == pytest.approx(
+    assert plumbing.gaussian_log_prob(mu_p, ls_p, a).item() == pytest.approx(
         Normal(mu_p, ls_p.exp()).log_prob(a).sum().item(), rel=1e-6
     )
-    assert ppo.gaussian_entropy(ls_p).item() == pytest.approx(Normal(mu_p, ls_p.exp()).entropy().sum().item())
-    assert ppo.categorical_entropy(logits_p).item() == pytest.approx(Categorical(logits=logits_p).entropy().item())
+    assert plumbing.gaussian_entropy(ls_p).item() == pytest.approx(Normal(mu_p, ls_p.exp()).entropy().sum().item())
+    assert plumbing.categorical_entropy(logits_p).item() == pytest.approx(Categorical(logits=logits_p).entropy().item())
 
 
 @pytest.mark.parametrize("family", ["categorical", "gaussian"])
@@ -143,16 +144,16 @@ def test_kl_estimators_by_monte_carlo(family):
     if family == "categorical":
         logits_q, logits_p = two_categoricals()
         x = torch.multinomial(logits_q.softmax(-1), n, replacement=True, generator=g)
-        log_r = ppo.categorical_log_prob(logits_p.expand(n, -1), x) - ppo.categorical_log_prob(
+        log_r = plumbing.categorical_log_prob(logits_p.expand(n, -1), x) - plumbing.categorical_log_prob(
             logits_q.expand(n, -1), x
         )
-        exact = ppo.categorical_kl(logits_q, logits_p).item()
+        exact = plumbing.categorical_kl(logits_q, logits_p).item()
     else:
         mu_q, ls_q = torch.tensor([0.0, 0.5]), torch.tensor([0.0, -0.3])
         mu_p, ls_p = torch.tensor([0.15, 0.4]), torch.tensor([-0.1, -0.2])
         x = mu_q + ls_q.exp() * torch.randn(n, 2, generator=g)
-        log_r = ppo.gaussian_log_prob(mu_p, ls_p, x) - ppo.gaussian_log_prob(mu_q, ls_q, x)
-        exact = ppo.gaussian_kl(mu_q, ls_q, mu_p, ls_p).item()
+        log_r = plumbing.gaussian_log_prob(mu_p, ls_p, x) - plumbing.gaussian_log_prob(mu_q, ls_q, x)
+        exact = plumbing.gaussian_kl(mu_q, ls_q, mu_p, ls_p).item()
     log_r = log_r.double()
     for estimator in [ppo.kl_k1, ppo.kl_k3]:
         samples = estimator(log_r)
@@ -188,7 +189,7 @@ def test_value_loss_plain_and_clipped():
 def test_running_mean_std_matches_numpy():
     rng = np.random.default_rng(3)
     batches = [rng.normal(2.0, 3.0, size=(n, 4)) for n in (1, 7, 50, 3)]
-    rms = ppo.RunningMeanStd(4)
+    rms = plumbing.RunningMeanStd(4)
     for b in batches:
         rms.update(b)
     data = np.concatenate(batches)
@@ -198,8 +199,8 @@ def test_running_mean_std_matches_numpy():
 
 def test_explained_variance():
     G = np.array([1.0, 2.0, 3.0, 4.0])
-    assert ppo.explained_variance(G, G) == 1.0
-    assert ppo.explained_variance(np.full(4, G.mean()), G) == pytest.approx(0.0)
+    assert plumbing.explained_variance(G, G) == 1.0
+    assert plumbing.explained_variance(np.full(4, G.mean()), G) == pytest.approx(0.0)
 
 
 @pytest.mark.parametrize("discrete", [True, False])
@@ -214,7 +215,7 @@ def test_rollout_policy_samples_the_policy_and_its_log_prob(discrete):
             agent.actor_logstd.copy_(torch.tensor([-0.5, 0.3]))
     s = np.random.default_rng(0).standard_normal((20_000, 3)).astype(np.float32)
     s[:10_000] = s[0]  # half the batch one state, to compare frequencies with pi(.|s)
-    a, logp, V = ppo.RolloutPolicy(agent, np.random.default_rng(1)).act(s)
+    a, logp, V = plumbing.RolloutPolicy(agent, np.random.default_rng(1)).act(s)
     assert logp.dtype == V.dtype == np.float32
     with torch.no_grad():
         head = agent.head(torch.as_tensor(s))
@@ -233,13 +234,15 @@ def test_rollout_policy_samples_the_policy_and_its_log_prob(discrete):
 def test_rollout_policy_is_a_snapshot():
     """The numpy copy keeps the weights it was taken with: the loop takes a new one after each update."""
     agent = ppo.Agent(obs_dim=3, act_dim=2, discrete=False)
-    pi = ppo.RolloutPolicy(agent, np.random.default_rng(0))
+    pi = plumbing.RolloutPolicy(agent, np.random.default_rng(0))
     s = np.ones((1, 3), np.float32)
     V_before = pi.value(s)
     with torch.no_grad():
         agent.critic[-1].bias.add_(1.0)
     np.testing.assert_array_equal(pi.value(s), V_before)
-    np.testing.assert_allclose(ppo.RolloutPolicy(agent, np.random.default_rng(0)).value(s), V_before + 1.0, rtol=1e-6)
+    np.testing.assert_allclose(
+        plumbing.RolloutPolicy(agent, np.random.default_rng(0)).value(s), V_before + 1.0, rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("loss", ["clip", "kl"])
@@ -337,10 +340,10 @@ def test_snapshot_is_an_independent_copy():
     optimizer = torch.optim.Adam(agent.parameters(), lr=0.1)
     agent.value(torch.ones(4, 3)).sum().backward()
     optimizer.step()
-    rms = ppo.RunningMeanStd(3)
+    rms = plumbing.RunningMeanStd(3)
     rms.update(np.ones((2, 3)))
     state = {"model": agent.state_dict(), "optimizer": optimizer.state_dict(), "obs_rms": rms.state_dict(), "step": 7}
-    snap, reference = ppo.snapshot(state), copy.deepcopy(state)
+    snap, reference = plumbing.snapshot(state), copy.deepcopy(state)
     optimizer.step()  # moves the parameters and Adam's moments in place
     rms.update(np.zeros((5, 3)))
     with torch.no_grad():
