@@ -936,11 +936,12 @@ def _is_float_text(text: str) -> bool:
 
 
 def one_default_in_help(Args: type) -> type:
-    """Args, with tyro's "(default: None)" left out of --help for the flags whose own text states their default
-    (a default that depends on the action space or on another flag): their annotations gain a tyro marker."""
+    """Args, with tyro's "(default: None)" left out of --help: a flag whose default is None states its default in its
+    own text (one that depends on the action space or on another flag), or has none (--resume). Their annotations
+    gain a tyro marker."""
     hints = typing.get_type_hints(Args, include_extras=True)
     for f in dataclasses.fields(Args):
-        if f.default is None and f.name != "resume":
+        if f.default is None:
             owner = next(c for c in Args.__mro__ if f.name in c.__dict__.get("__annotations__", {}))
             owner.__annotations__[f.name] = Annotated[hints[f.name], tyro.conf.arg(help_behavior_hint="")]
     return Args

@@ -1,94 +1,182 @@
-"""Every copy of a shared helper is byte-identical in every script of cleanrl_style/ (shared/CONVENTIONS.md).
-
-A script is self-contained, so the plumbing (checkpoints, run directory, signals, progress bar, ...) is copied
-from ppo.py into each. This test parses every script and compares, for each top-level function or class name that
-two scripts both define, the exact source text (docstring and comments included), except for the names below.
-"""
+"""The shared module of the scripts, cleanrl_style/plumbing.py, tested directly: it exists once (no script carries
+a copy of it, and it imports no script), and its pieces do what the scripts rely on."""
 
 import ast
-import itertools
+import dataclasses
+import re
+from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import pytest
-from conftest import SCRIPTS
+import torch
+from conftest import SCRIPTS, TRAINING_SCRIPTS, run_script
 
-# Names that are the algorithm's own by nature, so each script has its own version.
-ALGORITHM_SPECIFIC = {
-    "Args",  # the script's flags
-    "main",  # the training loop
-    "evaluate",  # the deterministic policy of this algorithm's agent
-    "resolve_args",  # defaults and checks of this algorithm's hyperparameters
-    "make_env",  # a vector of envs (ppo) or one env (the tabular scripts)
-}
-# Helpers every training script must carry (the contract's plumbing).
-REQUIRED = [
-    "UsageError", "RunFault", "env_spaces", "check_common_args", "load_checkpoint", "save_checkpoint",
-    "resume_args", "start_run", "StopSignal", "Monitor", "end_run", "cli",
-]  # fmt: skip
+import plumbing
+from cleanrl_style import ppo
+
+# Names a script defines for itself by nature, though plumbing has a function of the same name for other uses.
+ALGORITHM_OWN = {"main", "evaluate", "make_env"}
 
 
-def definitions(source: str) -> dict:
-    """{name: exact source text} of the top-level functions and classes, decorators included."""
-    lines = source.splitlines()
-    out = {}
-    for node in ast.parse(source).body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-            out[node.name] = "\n".join(lines[first - 1 : node.end_lineno])
-    return out
+def top_level_names(path: Path) -> set:
+    tree = ast.parse(path.read_text())
+    return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
 
 
-def differing_helpers(sources: dict) -> list:
-    """[(helper, script_a, script_b)] for each shared name whose two copies differ."""
-    defs = {name: definitions(src) for name, src in sources.items()}
-    found = []
-    for a, b in itertools.combinations(sorted(defs), 2):
-        for helper in sorted((defs[a].keys() & defs[b].keys()) - ALGORITHM_SPECIFIC):
-            if defs[a][helper] != defs[b][helper]:
-                found.append((helper, a, b))
-    return found
+@pytest.mark.parametrize("script", TRAINING_SCRIPTS + ["evaluate"])
+def test_no_script_carries_a_copy_of_the_plumbing(script):
+    copied = (top_level_names(SCRIPTS / f"{script}.py") & top_level_names(SCRIPTS / "plumbing.py")) - ALGORITHM_OWN
+    assert not copied, f"{script}.py defines {sorted(copied)}, which plumbing.py has: use plumbing's"
 
 
-def script_sources() -> dict:
-    return {p.name: p.read_text() for p in sorted(SCRIPTS.glob("*.py")) if not p.name.startswith("_")}
+def test_the_copy_check_catches_a_copy(tmp):
+    source = (SCRIPTS / "ppo.py").read_text() + "\n\ndef save_checkpoint(path, ckpt):\n    pass\n"
+    (tmp / "ppo.py").write_text(source)
+    assert "save_checkpoint" in top_level_names(tmp / "ppo.py") & top_level_names(SCRIPTS / "plumbing.py")
 
 
-def test_shared_helpers_are_identical_in_every_script():
-    found = differing_helpers(script_sources())
-    assert not found, "copies differ (copy the helper from ppo.py):\n" + "\n".join(
-        f"  {helper}: {a} and {b}" for helper, a, b in found
-    )
+def test_plumbing_imports_no_script():
+    tree = ast.parse((SCRIPTS / "plumbing.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & set(TRAINING_SCRIPTS + ["evaluate", "cleanrl_style"]), imported
 
 
-@pytest.mark.parametrize(
-    "script", sorted(p.name for p in SCRIPTS.glob("*.py") if p.stem not in ("__init__", "evaluate"))
-)
-def test_every_training_script_carries_the_plumbing(script):
-    missing = [name for name in REQUIRED if name not in definitions((SCRIPTS / script).read_text())]
-    assert not missing, f"{script} lacks {missing}"
+# ---- the command line ----
 
 
-def test_a_one_character_change_to_one_copy_is_caught():
-    sources = script_sources()
-    assert len(sources) >= 3
-    for helper in ["save_checkpoint", "StopSignal", "Monitor"]:
-        target = "q_learning.py"
-        text = definitions(sources[target])[helper]
-        # change one character inside the helper (a space into a tab in its last line)
-        i = text.rindex(" ")
-        changed = text[:i] + "\t" + text[i + 1 :]
-        mutated = dict(sources, **{target: sources[target].replace(text, changed)})
-        found = differing_helpers(mutated)
-        assert (helper, "ppo.py", target) in found, found
-        assert all(h == helper for h, _, _ in found)
+def test_whole_numbers_written_as_floats_are_read_as_numbers():
+    argv = ["--total-timesteps", "1e5", "--learning-rate", "1e-3", "--checkpoint-every=2.5e4", "--seed", "3"]
+    assert plumbing.whole_numbers(ppo.Args, argv) == [
+        "--total-timesteps", "100000", "--learning-rate", "1e-3", "--checkpoint-every=25000", "--seed", "3",
+    ]  # fmt: skip
+    with pytest.raises(plumbing.UsageError, match="--total-timesteps takes a whole number, got 1.5e-3"):
+        plumbing.whole_numbers(ppo.Args, ["--total-timesteps", "1.5e-3"])
+    assert plumbing.whole_numbers(ppo.Args, ["--env", "1e5"]) == ["--env", "1e5"]  # a string flag is left alone
 
 
-def test_an_algorithm_specific_name_is_not_compared():
-    sources = script_sources()
-    text = definitions(sources["sarsa.py"])["main"]
-    mutated = dict(sources, **{"sarsa.py": sources["sarsa.py"].replace(text, text + "\n    # changed")})
-    assert differing_helpers(mutated) == []
+def test_total_timesteps_1e5_runs_and_1_5_is_one_error_line(tmp):
+    proc = run_script("ppo", "--total-timesteps", "2.56e2", "--eval-episodes", "0", "--no-progress",
+                      "--run-dir", str(tmp / "runs"), cwd=tmp)  # fmt: skip
+    assert "256 steps" in proc.stdout
+    proc = run_script("ppo", "--total-timesteps", "1.5", "--run-dir", str(tmp / "runs2"), cwd=tmp, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --total-timesteps takes a whole number, got 1.5"
+    ]
+    assert not (tmp / "runs2").exists()
 
 
-def test_definitions_reads_exact_source():
-    src = "import x\n\n\n@dec\ndef f(a):\n    # note\n    return a\n\n\nclass C:\n    pass\n"
-    assert definitions(src) == {"f": "@dec\ndef f(a):\n    # note\n    return a", "C": "class C:\n    pass"}
+@pytest.mark.parametrize("script", TRAINING_SCRIPTS)
+def test_help_gives_one_default_per_flag(script, tmp):
+    out = run_script(script, "--help", cwd=tmp, check=False).stdout
+    out = re.sub(r"[│╭╮╰╯─]", " ", out)
+    flags = re.split(r"\n\s+(?=--|-h)", out)
+    for text in flags:
+        assert len(re.findall(r"\(default", text)) <= 1, text
+    assert "(default: None)" not in out
+
+
+def test_exp_name_defaults_to_the_script_file_name():
+    assert plumbing.with_exp_name(ppo.Args()).exp_name == "ppo"
+    assert plumbing.with_exp_name(ppo.Args(exp_name="mine")).exp_name == "mine"
+
+
+def test_env_spaces_names_what_the_algorithm_needs():
+    with pytest.raises(plumbing.UsageError, match="dqn needs Box observations and Discrete actions; Pendulum-v1"):
+        plumbing.env_spaces("Pendulum-v1", "dqn", obs=gym.spaces.Box, act=gym.spaces.Discrete)
+    with pytest.raises(plumbing.UsageError, match="unknown environment id 'NoSuchEnv-v0'"):
+        plumbing.env_spaces("NoSuchEnv-v0")
+    obs, act = plumbing.env_spaces("CartPole-v1", "ppo", obs=gym.spaces.Box, act=(gym.spaces.Discrete, gym.spaces.Box))
+    assert obs.shape == (4,) and act.n == 2
+
+
+def test_require_raises_the_first_failing_message():
+    plumbing.require([(True, "a"), (True, "b")])
+    with pytest.raises(plumbing.UsageError, match="^b$"):
+        plumbing.require([(True, "a"), (False, "b"), (False, "c")])
+
+
+# ---- statistics and the reward scale ----
+
+
+def test_reward_scaler_is_the_running_std_of_the_discounted_return():
+    """Against the computation written out: the discounted return per env, its variance over everything seen, the
+    reward divided by its std and clipped, the return reset at an episode's end."""
+    rng = np.random.default_rng(0)
+    scaler = plumbing.RewardScaler(3, 0.9, plumbing.RunningMeanStd(()))
+    discounted, seen = np.zeros(3), []
+    for _ in range(50):
+        r, done = rng.normal(5.0, 20.0, 3), rng.random(3) < 0.1
+        discounted = 0.9 * discounted + r
+        seen.append(discounted.copy())
+        all_seen = np.concatenate(seen)
+        var = (all_seen.var() * len(all_seen) + 1e-4 * 1.0 + 1e-4 * all_seen.mean() ** 2) / (len(all_seen) + 1e-4)
+        expected = np.clip(r / np.sqrt(var + 1e-8), -10, 10)
+        np.testing.assert_allclose(scaler(r, done), expected, rtol=1e-6)
+        discounted[done] = 0.0
+
+
+def test_checkpoint_due_at_each_multiple_crossed():
+    args = ppo.Args(checkpoint_every=1000)
+    assert plumbing.checkpoint_due(args, 1024, 768) and not plumbing.checkpoint_due(args, 1792, 1024)
+    assert not plumbing.checkpoint_due(dataclasses.replace(args, checkpoint_every=0), 5000, 0)
+    assert not plumbing.checkpoint_due(dataclasses.replace(args, save_model=False), 5000, 0)
+
+
+# ---- evaluation ----
+
+
+def test_play_episodes_seeds_episode_k_with_seed_plus_k():
+    def act(s):
+        return int(s[2] > 0)  # push toward the pole's lean
+
+    returns = plumbing.play_episodes(gym.make("CartPole-v1"), act, 3, seed=7)
+    for k, G in enumerate(returns):
+        env = gym.make("CartPole-v1")
+        s, _ = env.reset(seed=7 + k)
+        total, done = 0.0, False
+        while not done:
+            s, r, term, trunc, _ = env.step(act(s))
+            total, done = total + r, term or trunc
+        assert total == G
+    assert len(set(returns.tolist())) > 1  # different seeds, different episodes
+
+
+def test_monitor_says_when_no_episode_has_finished(tmp):
+    writer = torch.utils.tensorboard.SummaryWriter(str(tmp))
+    monitor = plumbing.Monitor(writer, ppo.Args(total_timesteps=100, progress=False), 0)
+    monitor.update(10)
+    assert monitor.bar.postfix == "no episode finished yet"
+    monitor.episode(12.0, 12, 20)
+    monitor.update(20)
+    assert monitor.bar.postfix == "return 12.0"
+    monitor.close()
+    writer.close()
+
+
+# ---- the run's life: faults keep the last good state ----
+
+
+def test_a_fault_after_an_update_keeps_the_state_of_the_last_good_update(tmp):
+    args = plumbing.with_exp_name(ppo.Args(run_dir=str(tmp / "runs"), progress=False, total_timesteps=100))
+    args = dataclasses.replace(args, eval_episodes=0)
+    weights = torch.zeros(3)
+    step = 0
+
+    def state():
+        return {"global_step": step, "model": {"w": weights}}
+
+    run = plumbing.Run(args, "ppo", None, None, lambda *a: np.zeros(1), state)
+    with run.fault_guard():
+        while run.training():
+            step += 10
+            weights += 1.0
+            run.update_done(step, {"losses/x": 1.0})
+            if step == 30:
+                weights.fill_(float("nan"))
+                raise plumbing.RunFault("non-finite parameters")
+    assert run.end() == 1
+    ckpt = torch.load(run.ckpt_path, weights_only=True)
+    assert ckpt["global_step"] == 30 and torch.equal(ckpt["model"]["w"], torch.full((3,), 3.0))
+    assert ckpt["format_version"] == plumbing.CHECKPOINT_FORMAT and ckpt["algorithm"] == "ppo"
