@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import scalars, train
 
+import plumbing
 from cleanrl_style import reinforce as rf
 
 # ---- returns and baselines by hand ----
@@ -83,7 +84,7 @@ def test_pg_loss_gradient_matches_the_score_function_by_hand():
     theta_np = rng.normal(size=(S, A))
     s, a, A_hat = rng.integers(0, S, n), rng.integers(0, A, n), rng.normal(size=n)
     theta = torch.tensor(theta_np, requires_grad=True)
-    logp = rf.categorical_log_prob(theta[torch.as_tensor(s)], torch.as_tensor(a))
+    logp = plumbing.categorical_log_prob(theta[torch.as_tensor(s)], torch.as_tensor(a))
     rf.pg_loss(logp, torch.as_tensor(A_hat), K).backward()
     pi = np.exp(theta_np) / np.exp(theta_np).sum(1, keepdims=True)
     expected = np.zeros((S, A))
@@ -252,7 +253,7 @@ def test_a_time_limit_bootstraps_from_the_final_value_only_with_the_value_baseli
         calls.append((len(r), bootstrap))
         return original(r, gamma, bootstrap)
 
-    monkeypatch.setattr(rf, "make_env", make_env)
+    monkeypatch.setattr(plumbing, "make_env", make_env)
     monkeypatch.setattr(rf, "reward_to_go", recording_reward_to_go)
     first_update(tmp, monkeypatch, baseline=baseline)
     assert len(calls) == 8 and all(n == 5 for n, _ in calls), calls
@@ -294,6 +295,6 @@ def test_cartpole_is_solved(tmp):
 )
 def test_bad_hyperparameters_are_refused_writing_nothing(flags, word, tmp, monkeypatch):
     monkeypatch.chdir(tmp)
-    with pytest.raises(rf.UsageError, match=word):
+    with pytest.raises(plumbing.UsageError, match=word):
         rf.main(rf.Args(run_dir=str(tmp / "runs"), **flags))
     assert list(tmp.iterdir()) == []
