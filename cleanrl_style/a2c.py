@@ -1,12 +1,14 @@
 """Synchronous advantage actor-critic (A2C) with GAE: one gradient step per rollout, in one file.
 
-Notation of the study notes (see NOTATION.md):
+Notation of the study notes (see NOTATION.md in this folder):
 
     rollout      T steps of N envs with pi_theta, storing s_t, a_t, r_t, V(s_t)
     TD residual  delta_t = r_t + gamma V(s_{t+1}) - V(s_t)             (no bootstrap past a termination)
     GAE          A_hat_t = delta_t + gamma lambda A_hat_{t+1}          (the sum stops at an episode end)
                  lambda = 0: A_hat_t = delta_t (TD, low variance, biased by V);
-                 lambda = 1: A_hat_t = G_t - V(s_t) (Monte Carlo, unbiased, high variance)
+                 lambda = 1: A_hat_t = r_t + gamma r_{t+1} + ... + gamma^(T-1-t) r_{T-1} + gamma^(T-t) V(s_T) - V(s_t),
+                 the (T-t)-step return minus V(s_t): it bootstraps from V at the rollout's end, so it is Monte
+                 Carlo only where the episode ends inside the rollout (the sum stops there)
     return       G_t = A_hat_t + V_old(s_t)                            (the critic's target)
     actor        theta <- theta + alpha grad log pi_theta(a_t|s_t) A_hat_t
     total loss   -E[log pi_theta(a_t|s_t) A_hat_t] + c1 * 1/2 (V_phi(s_t) - G_t)^2 - c2 * H[pi_theta(.|s_t)]
@@ -31,39 +33,24 @@ Run:
     python cleanrl_style/a2c.py --env HalfCheetah-v5
 """
 
-import collections
-import copy
-import dataclasses
-import json
 import math
-import os
-import random
-import signal
 import sys
-import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-import tyro
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
+
+import plumbing
+from plumbing import RolloutPolicy, RunFault, normalize_obs
 
 ALGORITHM = "a2c"
 
 
 @dataclass
-class Args:
-    env: Annotated[str, tyro.conf.arg(aliases=("--env-id",))] = "CartPole-v1"
-    """gymnasium environment id (Box observations; Discrete or Box actions)"""
-    seed: int = 1
-    """seed of Python, numpy, torch and the environments"""
+class Args(plumbing.RunArgs):  # the flags every script has (--env, --seed, --resume, ...) are in plumbing.RunArgs
     total_timesteps: int | None = None
     """environment steps to train for (default: 150,000 discrete, 1,000,000 continuous)"""
     num_envs: int | None = None
@@ -79,11 +66,11 @@ class Args:
     gamma: float | None = None
     """gamma, discount factor in [0, 1] (default: 0.98 discrete, 0.99 continuous)"""
     gae_lambda: float | None = None
-    """lambda of GAE in [0, 1]: 0 is TD, 1 Monte Carlo (default: 0.8 discrete, 0.9 continuous)"""
+    """lambda of GAE in [0, 1]: 0 is TD, 1 bootstraps at the rollout's end (default: 0.8 discrete, 0.9 continuous)"""
     norm_adv: bool | None = None
     """normalise A_hat over the batch: (A_hat - mean) / std (default: on discrete, off continuous)"""
     ent_coef: float | None = None
-    """c2, entropy bonus coefficient (default: 0 discrete, 0 continuous)"""
+    """c2, entropy bonus coefficient (default: 0)"""
     vf_coef: float | None = None
     """c1, value loss coefficient (default: 0.5 discrete, 0.4 continuous)"""
     max_grad_norm: float = 0.5
@@ -96,121 +83,39 @@ class Args:
     """width of the two tanh hidden layers of actor and critic"""
     log_std_init: float | None = None
     """log sigma of the Gaussian policy at the start, continuous actions (default: -0.5, sigma = 0.61)"""
-    exp_name: str = Path(__file__).stem
-    """experiment name, part of the run directory name"""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """torch device: auto picks cuda when available"""
-    torch_deterministic: bool = True
-    """make cuDNN deterministic"""
-    threads: int = 1
-    """torch CPU threads"""
-    capture_video: bool = False
-    """record videos of env 0 and of the final evaluation under --video-dir/{run_name}"""
-    save_model: bool = True
-    """write the checkpoint at the end, every --checkpoint-every steps and on Ctrl-C"""
-    checkpoint_every: int = 100_000
-    """write a checkpoint every this many environment steps (0: only at the end)"""
-    eval_episodes: int = 10
-    """deterministic evaluation episodes at the end"""
-    run_dir: str = "runs"
-    """parent directory of the run directories"""
-    video_dir: str = "videos"
-    """parent directory of the video directories"""
-    resume: str | None = None
-    """checkpoint to resume from: its run, hyperparameters and state go on (--total-timesteps may extend it)"""
-    progress: bool = True
-    """show a progress bar on a terminal"""
 
 
-# Defaults that depend on the action space. Discrete: chosen by measurement on CartPole-v1 (see the
-# README and benchmarks/results/pg/). Continuous: rl-zoo3's tuned PyBullet A2C settings without gSDE (4 envs x 8
-# steps, RMSprop 9.6e-4 annealed, lambda 0.9, c1 = 0.4, c2 = 0, observation and reward normalisation), chosen on
-# HalfCheetah-v5 over Tianshou's MuJoCo settings (16 x 5, RMSprop 7e-4, lambda 0.95, c2 = 0.01) and SB3's
-# (1 x 5, lambda 1): benchmarks/results/pg/tuning.md. The Gaussian's log sigma starts at -0.5 (Tianshou's, sigma 0.61;
+# Defaults by action space: (discrete, continuous). Discrete: chosen by measurement on CartPole-v1 (see the README and
+# benchmarks/results/pg/). Continuous: rl-zoo3's tuned PyBullet A2C settings without gSDE (4 envs x 8 steps, RMSprop
+# 9.6e-4 annealed, lambda 0.9, c1 = 0.4, c2 = 0, observation and reward normalisation), chosen on HalfCheetah-v5 over
+# Tianshou's MuJoCo settings (16 x 5, RMSprop 7e-4, lambda 0.95, c2 = 0.01) and SB3's (1 x 5, lambda 1):
+# benchmarks/results/pg/tuning.md. Not quite rl-zoo3's c1: our value loss is c1 * 1/2 (V - G)^2 where SB3's is
+# c1 * (V - G)^2 (no 1/2), so our c1 = 0.4 weighs the value loss half as much as rl-zoo3's 0.4 does (theirs is our
+# 0.8); 0.4 is what the measurements above ran with. The Gaussian's log sigma starts at -0.5 (Tianshou's, sigma 0.61;
 # rl-zoo3's -2 goes with gSDE): at 1M steps (3 seeds) it beat 0 (sigma 1) on HalfCheetah-v5, Hopper-v5 and Walker2d-v5
 # (benchmarks/results/pg/mujoco_a2c_logstd/). On Walker2d-v5, --gae-lambda 0.95 does better (1188 against 973;
 # worse on HalfCheetah-v5): benchmarks/results/pg/README.md.
-DISCRETE_DEFAULTS = dict(
-    total_timesteps=150_000,
-    num_envs=8,
-    num_steps=5,
-    learning_rate=2e-3,
-    optimizer="adam",
-    gamma=0.98,
-    gae_lambda=0.8,
-    norm_adv=True,
-    ent_coef=0.0,
-    vf_coef=0.5,
-    norm_obs=False,
-    norm_reward=False,
-    log_std_init=0.0,
-)
-CONTINUOUS_DEFAULTS = dict(
-    total_timesteps=1_000_000,
-    num_envs=4,
-    num_steps=8,
-    learning_rate=9.6e-4,
-    optimizer="rmsprop",
-    gamma=0.99,
-    gae_lambda=0.9,
-    norm_adv=False,
-    ent_coef=0.0,
-    vf_coef=0.4,
-    norm_obs=True,
-    norm_reward=True,
-    log_std_init=-0.5,
-)
+DEFAULTS = {  # fmt: skip
+    "total_timesteps": (150_000, 1_000_000),
+    "num_envs": (8, 4),
+    "num_steps": (5, 8),
+    "learning_rate": (2e-3, 9.6e-4),
+    "optimizer": ("adam", "rmsprop"),
+    "gamma": (0.98, 0.99),
+    "gae_lambda": (0.8, 0.9),
+    "norm_adv": (True, False),
+    "ent_coef": (0.0, 0.0),
+    "vf_coef": (0.5, 0.4),
+    "norm_obs": (False, True),
+    "norm_reward": (False, True),
+    "log_std_init": (0.0, -0.5),
+}
+DISCRETE_DEFAULTS = {k: v[0] for k, v in DEFAULTS.items()}
+CONTINUOUS_DEFAULTS = {k: v[1] for k, v in DEFAULTS.items()}
 
 
 # ----------------------------------------------------------------------------------------------
-# Environment
-# ----------------------------------------------------------------------------------------------
-
-
-def make_env(env_id: str, idx: int, capture_video: bool, video_folder: str):
-    def thunk():
-        if capture_video and idx == 0:
-            env = gym.make(env_id, render_mode="rgb_array")
-            env = gym.wrappers.RecordVideo(env, video_folder, name_prefix="train", disable_logger=True)
-        else:
-            env = gym.make(env_id)
-        return gym.wrappers.FlattenObservation(env)
-
-    return thunk
-
-
-class RunningMeanStd:
-    """Running mean and variance of a stream of batches (parallel Welford / Chan et al.)."""
-
-    def __init__(self, shape=()):
-        self.mean = np.zeros(shape, np.float64)
-        self.var = np.ones(shape, np.float64)
-        self.count = 1e-4
-
-    def update(self, x: np.ndarray) -> None:
-        n = x.shape[0]
-        batch_mean, batch_var = x.mean(0), (x.var(0) if n > 1 else 0.0)
-        delta, total = batch_mean - self.mean, self.count + n
-        self.mean = self.mean + delta * n / total
-        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
-        self.var, self.count = m2 / total, total
-
-    def state_dict(self) -> dict:
-        return {"mean": torch.tensor(self.mean), "var": torch.tensor(self.var), "count": float(self.count)}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.mean, self.var, self.count = d["mean"].numpy().copy(), d["var"].numpy().copy(), float(d["count"])
-
-
-def normalize_obs(s: np.ndarray, obs_rms: RunningMeanStd | None, clip: float = 10.0) -> np.ndarray:
-    """(s - mean) / sqrt(var + 1e-8), clipped to [-10, 10]; the identity without statistics."""
-    if obs_rms is None:
-        return s.astype(np.float32)
-    return np.clip((s - obs_rms.mean) / np.sqrt(obs_rms.var + 1e-8), -clip, clip).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------------------------
-# Networks and the policy's distributions
+# Networks: pi_theta (the actor) and V_phi (the critic)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -230,46 +135,9 @@ def mlp(n_in: int, n_out: int, hidden: int, out_std: float) -> nn.Sequential:
     )
 
 
-LOG_2PI = math.log(2 * math.pi)
-
-
-def categorical_log_prob(logits: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """log pi(a|s) of a Categorical over `logits`."""
-    return F.log_softmax(logits, -1).gather(-1, a.long().unsqueeze(-1)).squeeze(-1)
-
-
-def categorical_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """H = -sum_a pi(a|s) log pi(a|s)."""
-    logp = F.log_softmax(logits, -1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def categorical_kl(logits_old: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Exact KL(pi_old || pi_theta) = sum_a pi_old(a|s) (log pi_old(a|s) - log pi_theta(a|s))."""
-    logp_old, logp = F.log_softmax(logits_old, -1), F.log_softmax(logits, -1)
-    return (logp_old.exp() * (logp_old - logp)).sum(-1)
-
-
-def gaussian_log_prob(mu: torch.Tensor, log_std: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """log pi(a|s) of a diagonal Gaussian N(mu, sigma^2), summed over action dimensions."""
-    return (-0.5 * ((a - mu) / log_std.exp()) ** 2 - log_std - 0.5 * LOG_2PI).sum(-1)
-
-
-def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
-    """H = sum_i (log sigma_i + 1/2 log(2 pi e))."""
-    return (log_std + 0.5 * (1.0 + LOG_2PI)).sum(-1)
-
-
-def gaussian_kl(mu_old, log_std_old, mu, log_std) -> torch.Tensor:
-    """Exact KL(N_old || N_theta) = sum_i log(s_i/s_old_i) + (s_old_i^2 + (mu_old_i - mu_i)^2) / (2 s_i^2) - 1/2."""
-    return (
-        log_std - log_std_old + ((2 * log_std_old).exp() + (mu_old - mu) ** 2) / (2 * (2 * log_std).exp()) - 0.5
-    ).sum(-1)
-
-
 class Agent(nn.Module):
-    """Separate actor and critic MLPs (two tanh layers). The actor's output `head` is the
-    Categorical's logits (discrete) or [mu, log sigma] of a Gaussian with state-independent sigma."""
+    """Separate actor and critic MLPs (two tanh layers). The actor's output `head` is the Categorical's logits or
+    [mu, log sigma] of a Gaussian with state-independent sigma (log pi, H and KL: plumbing's distributions)."""
 
     def __init__(self, obs_dim: int, act_dim: int, discrete: bool, hidden: int = 64):
         super().__init__()
@@ -292,67 +160,21 @@ class Agent(nn.Module):
 
     def log_prob(self, head: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         if self.discrete:
-            return categorical_log_prob(head, a)
-        mu, log_std = head.chunk(2, -1)
-        return gaussian_log_prob(mu, log_std, a)
+            return plumbing.categorical_log_prob(head, a)
+        return plumbing.gaussian_log_prob(*head.chunk(2, -1), a)
 
     def entropy(self, head: torch.Tensor) -> torch.Tensor:
-        return categorical_entropy(head) if self.discrete else gaussian_entropy(head.chunk(2, -1)[1])
+        return plumbing.categorical_entropy(head) if self.discrete else plumbing.gaussian_entropy(head.chunk(2, -1)[1])
 
     def kl(self, head_old: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         """Exact KL(pi_old(.|s) || pi_theta(.|s)) per state."""
         if self.discrete:
-            return categorical_kl(head_old, head)
-        return gaussian_kl(*head_old.chunk(2, -1), *head.chunk(2, -1))
+            return plumbing.categorical_kl(head_old, head)
+        return plumbing.gaussian_kl(*head_old.chunk(2, -1), *head.chunk(2, -1))
 
     def mode(self, head: torch.Tensor) -> torch.Tensor:
         """The deterministic action: argmax of the logits, or the mean mu."""
         return head.argmax(-1) if self.discrete else head.chunk(2, -1)[0]
-
-
-class RolloutPolicy:
-    """pi_theta and V_phi for the rollout, in numpy, from a snapshot of the agent's weights.
-
-    The same functions as Agent.head and Agent.value (tests check that log pi and V agree with them to
-    float32 rounding), without PyTorch's per-operation overhead: one observation through 64-unit layers
-    is ~30 us here against ~170 us for the same forward pass in torch. The snapshot does not follow the
-    parameters: take a new one after every update. a ~ pi_theta(.|s) draws from `rng`."""
-
-    def __init__(self, agent: Agent, rng: np.random.Generator):
-        def weights(net: nn.Sequential) -> list:
-            return [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy())
-                    for m in net if isinstance(m, nn.Linear)]  # fmt: skip
-
-        self.discrete, self.rng = agent.discrete, rng
-        self.actor, self.critic = weights(agent.actor), weights(agent.critic)
-        if not agent.discrete:
-            self.log_std = agent.actor_logstd.detach().cpu().numpy().copy()
-            self.std = np.exp(self.log_std)
-
-    @staticmethod
-    def mlp(x: np.ndarray, layers: list) -> np.ndarray:
-        """tanh hidden layers, linear output: the forward pass of mlp()."""
-        for W, b in layers[:-1]:
-            x = np.tanh(x @ W + b)
-        W, b = layers[-1]
-        return x @ W + b
-
-    def value(self, s: np.ndarray) -> np.ndarray:
-        """V_phi(s)."""
-        return self.mlp(s, self.critic)[:, 0]
-
-    def act(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The rollout's step: a ~ pi_theta(.|s), log pi_theta(a|s) and V(s). Discrete: a by the inverse CDF
-        of softmax(logits); Gaussian: a = mu + sigma z and log pi = sum(-z^2/2 - log sigma - log(2 pi)/2)."""
-        out = self.mlp(s, self.actor)
-        if self.discrete:
-            logp_all = out - out.max(-1, keepdims=True)
-            logp_all -= np.log(np.exp(logp_all).sum(-1, keepdims=True))
-            u = self.rng.random((len(out), 1), dtype=np.float32)
-            a = np.minimum((np.exp(logp_all).cumsum(-1) < u).sum(-1), out.shape[-1] - 1)
-            return a, logp_all[np.arange(len(a)), a], self.value(s)
-        z = self.rng.standard_normal(out.shape, dtype=np.float32)
-        return out + self.std * z, (-0.5 * z**2 - self.log_std - np.float32(0.5 * LOG_2PI)).sum(-1), self.value(s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,8 +183,7 @@ class RolloutPolicy:
 
 
 def gae(r, V, V_next, terminated, ended, gamma: float, gae_lambda: float) -> np.ndarray:
-    """Generalised advantage estimates over a rollout of shape (T, N).
-
+    """Generalised advantage estimates over a rollout of shape (T, N):
     delta_t = r_t + gamma (1 - terminated_t) V_next_t - V_t, where V_next_t is V of the observation that
     followed s_t (on a truncation: the true final observation, not the reset one), and
     A_hat_t = delta_t + gamma lambda (1 - ended_t) A_hat_{t+1}, ended_t = terminated_t or truncated_t.
@@ -382,6 +203,11 @@ def policy_loss(logp: torch.Tensor, A_hat: torch.Tensor) -> torch.Tensor:
     return -(logp * A_hat.detach()).mean()
 
 
+def value_loss(V: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """1/2 (V_phi(s_t) - G_t)^2, averaged over the batch."""
+    return 0.5 * ((V - G) ** 2).mean()
+
+
 def make_optimizer(params, name: str, learning_rate: float) -> torch.optim.Optimizer:
     """rmsprop: PyTorch's RMSprop (alpha 0.99, eps 1e-5; not TensorFlow's, see the module docstring); adam: eps 1e-5."""
     if name == "rmsprop":
@@ -389,180 +215,48 @@ def make_optimizer(params, name: str, learning_rate: float) -> torch.optim.Optim
     return torch.optim.Adam(params, lr=learning_rate, eps=1e-5)
 
 
-def value_loss(V: torch.Tensor, G: torch.Tensor, V_old: torch.Tensor, clip_eps: float | None) -> torch.Tensor:
-    """1/2 (V - G)^2, or with clipping 1/2 max((V - G)^2, (V_clip - G)^2), V_clip = V_old + clip(V - V_old, +-eps)."""
-    loss = (V - G) ** 2
-    if clip_eps is not None:
-        V_clip = V_old + torch.clamp(V - V_old, -clip_eps, clip_eps)
-        loss = torch.max(loss, (V_clip - G) ** 2)
-    return 0.5 * loss.mean()
-
-
-def explained_variance(V: np.ndarray, G: np.ndarray) -> float:
-    """1 - Var(G - V) / Var(G): 1 is a perfect critic, 0 no better than a constant."""
-    var_G = np.var(G)
-    return float("nan") if var_G == 0 else float(1.0 - np.var(G - V) / var_G)
-
-
-# ----------------------------------------------------------------------------------------------
-# Arguments and evaluation
-# ----------------------------------------------------------------------------------------------
-
-
-def resolve_args(args: Args, discrete: bool) -> Args:
-    """Fill the defaults that depend on the action space, then check that the values fit."""
-    check_common_args(args)
-    defaults = DISCRETE_DEFAULTS if discrete else CONTINUOUS_DEFAULTS
-    args = dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
-    batch_size = args.num_envs * args.num_steps
-    checks = [
-        (0.0 <= args.gamma <= 1.0, f"--gamma must lie in [0, 1], got {args.gamma}"),
-        (0.0 <= args.gae_lambda <= 1.0, f"--gae-lambda must lie in [0, 1], got {args.gae_lambda}"),
-        (args.num_envs >= 1 and args.num_steps >= 1, "--num-envs and --num-steps must be at least 1"),
-        (
-            args.total_timesteps >= batch_size,
-            f"--total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)",
-        ),
-        (args.learning_rate > 0, "--learning-rate must be positive"),
-        (args.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
-        (math.isfinite(args.log_std_init), f"--log-std-init must be a finite number, got {args.log_std_init}"),
-        (args.threads >= 1 and args.hidden_size >= 1, "--threads and --hidden-size must be at least 1"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-    return args
-
-
-def build_agent(ckpt: dict, device: str = "cpu") -> tuple[Agent, RunningMeanStd | None, gym.Env]:
-    """Rebuild the agent and the frozen observation statistics from a checkpoint."""
-    obs_space, act_space = env_spaces(ckpt["env_id"])
-    discrete = isinstance(act_space, gym.spaces.Discrete)
-    obs_dim = int(np.prod(obs_space.shape))
-    act_dim = int(act_space.n) if discrete else int(np.prod(act_space.shape))
-    agent = Agent(obs_dim, act_dim, discrete, ckpt["args"]["hidden_size"]).to(device)
-    agent.load_state_dict(ckpt["model"])
-    obs_rms = None
-    if ckpt["obs_rms"] is not None:
-        obs_rms = RunningMeanStd(obs_dim)
-        obs_rms.load_state_dict(ckpt["obs_rms"])
-    return agent, obs_rms, act_space
-
-
-def evaluate(
-    ckpt: dict,
-    episodes: int,
-    seed: int,
-    capture_video: bool = False,
-    video_folder: str | None = None,
-    device: str = "cpu",
-) -> np.ndarray:
-    """Returns of `episodes` episodes of the deterministic policy (argmax, or the mean action clipped to
-    the bounds), with the checkpoint's observation statistics frozen. Episode k resets with seed + k."""
-    agent, obs_rms, act_space = build_agent(ckpt, device)
-    if capture_video:
-        env = gym.make(ckpt["env_id"], render_mode="rgb_array")
-        env = gym.wrappers.RecordVideo(
-            env, video_folder, name_prefix="eval", episode_trigger=lambda e: e == 0, disable_logger=True
-        )
-    else:
-        env = gym.make(ckpt["env_id"])
-    env = gym.wrappers.FlattenObservation(env)
-    returns = []
-    for k in range(episodes):
-        s, _ = env.reset(seed=seed + k)
-        G, done = 0.0, False
-        while not done:
-            with torch.inference_mode():
-                head = agent.head(torch.as_tensor(normalize_obs(s[None], obs_rms), device=device))
-                a = agent.mode(head)[0].cpu().numpy()
-            if not agent.discrete:
-                a = np.clip(a, act_space.low, act_space.high)
-            s, r, terminated, truncated, _ = env.step(a)
-            G += float(r)
-            done = terminated or truncated
-        returns.append(G)
-    env.close()
-    return np.array(returns)
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
-
-
-def main(args: Args, stop: "StopSignal | None" = None) -> int:
+def main(args: Args, stop: plumbing.StopSignal | None = None) -> int:
     """Train; return the process exit status (0 done, 1 stopped by a fault, 130 interrupted)."""
-    t_start = time.time()
-    stop = stop or StopSignal(install=False)
-    given = {k for k in DISCRETE_DEFAULTS if getattr(args, k) is not None}
-    args, ckpt = resume_args(args)
-    obs_space, act_space = env_spaces(args.env)
-    if not isinstance(obs_space, gym.spaces.Box) or not isinstance(act_space, (gym.spaces.Discrete, gym.spaces.Box)):
-        raise UsageError(
-            f"a2c needs Box observations and Discrete or Box actions; {args.env} has {obs_space} and {act_space}"
-        )
-    discrete = isinstance(act_space, gym.spaces.Discrete)
+    given = {k for k in DEFAULTS if getattr(args, k) is not None}
+    args, ckpt = plumbing.resume_args(args, ALGORITHM)
+    Box, Discrete = gym.spaces.Box, gym.spaces.Discrete
+    obs_space, act_space = plumbing.env_spaces(args.env, ALGORITHM, obs=Box, act=(Discrete, Box))
+    discrete = isinstance(act_space, Discrete)
     args = resolve_args(args, discrete)
-    device = torch.device(pick_device(args.device))
+    device = plumbing.setup(args)  # seeds, torch threads, headless rendering
     kind = "discrete" if discrete else "continuous"
-    mark = " (saved)" if ckpt is not None else " (flag)"
-    print(
-        f"a2c on {args.env} ({kind} actions {act_space}); {kind} defaults, overridden where marked: "
-        + ", ".join(f"{k}={getattr(args, k)}{mark if k in given or ckpt else ''}" for k in DISCRETE_DEFAULTS)
-        + f"; device={device}"
-    )
+    head = f"a2c on {args.env} ({kind} actions {act_space}); {kind} defaults, overridden where marked: "
+    plumbing.announce(args, ckpt, head, DEFAULTS, given, tail=f"; device={device}")
     N, T = args.num_envs, args.num_steps
     batch_size = N * T
     num_iterations = args.total_timesteps // batch_size
     log_every = max(1, 1000 // batch_size)  # diagnostics about once per 1,000 env steps
     if "total_timesteps" in given and num_iterations * batch_size != args.total_timesteps:  # a budget the user chose
         print(f"note: training {num_iterations * batch_size} steps, whole rollouts of N*T = {batch_size} steps")
-    seed_everything(args.seed, args.torch_deterministic)
-    torch.set_num_threads(args.threads)
-    headless_rendering()
 
     obs_dim = int(np.prod(obs_space.shape))
     act_dim = int(act_space.n) if discrete else int(np.prod(act_space.shape))
-    try:
-        agent = Agent(obs_dim, act_dim, discrete, args.hidden_size).to(device)
-    except RuntimeError as e:  # out of memory for the networks asked for
-        raise UsageError(f"cannot build the networks (--hidden-size {args.hidden_size}): {first_line(e)}") from None
+    agent = plumbing.build(
+        lambda: Agent(obs_dim, act_dim, discrete, args.hidden_size).to(device), f"--hidden-size {args.hidden_size}"
+    )
     if not discrete:
         nn.init.constant_(agent.actor_logstd, args.log_std_init)
     optimizer = make_optimizer(agent.parameters(), args.optimizer, args.learning_rate)
-    obs_rms = RunningMeanStd(obs_dim) if args.norm_obs else None
-    ret_rms = RunningMeanStd(()) if args.norm_reward else None
+    obs_rms = plumbing.RunningMeanStd(obs_dim) if args.norm_obs else None
+    ret_rms = plumbing.RunningMeanStd(()) if args.norm_reward else None
     global_step, iteration = 0, 0
     if ckpt is not None:
-        agent.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if obs_rms is not None:
-            obs_rms.load_state_dict(ckpt["obs_rms"])
-        if ret_rms is not None:
-            ret_rms.load_state_dict(ckpt["ret_rms"])
+        plumbing.restore(ckpt, model=agent, optimizer=optimizer, obs_rms=obs_rms, ret_rms=ret_rms)
         global_step, iteration = ckpt["global_step"], ckpt["iteration"]
         print(f"resumed {args.resume} at global step {global_step}")
 
-    def checkpoint() -> dict:
-        """The whole state of the run, copied (so that it stays the state of this moment)."""
-        return snapshot({
-            "format_version": CHECKPOINT_FORMAT, "algorithm": ALGORITHM, "env_id": args.env,
-            "args": dataclasses.asdict(args), "global_step": global_step, "iteration": iteration,
-            "model": agent.state_dict(), "optimizer": optimizer.state_dict(),
-            "obs_rms": obs_rms.state_dict() if obs_rms else None, "ret_rms": ret_rms.state_dict() if ret_rms else None,
-        })  # fmt: skip
+    def state() -> dict:  # what a checkpoint holds of the run (plumbing adds the format, algorithm, env id and args)
+        return {"global_step": global_step, "iteration": iteration, "model": agent.state_dict(),
+                "optimizer": optimizer.state_dict(), "obs_rms": obs_rms and obs_rms.state_dict(),
+                "ret_rms": ret_rms and ret_rms.state_dict()}  # fmt: skip
 
-    # ---- run directory (nothing is written before this point) and environments ----
-    run_path, writer = start_run(args, ckpt, t_start)
-    ckpt_path = run_path / f"{args.exp_name}.pt"
-    # N copies that autoreset in the same step, so that the true final observation of an episode is at hand
-    video_folder = str(Path(args.video_dir) / run_path.name / "train")
-    envs = gym.vector.SyncVectorEnv(
-        [make_env(args.env, i, args.capture_video, video_folder) for i in range(N)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-    )
-    envs.action_space.seed(args.seed)
+    run = plumbing.Run(args, ALGORITHM, ckpt, stop, evaluate, state)  # the run directory: nothing written before
+    envs = run.vector_env(plumbing.make_env, N)
 
     # ---- rollout storage, shape (T, N, ...) ----
     obs = np.zeros((T, N, obs_dim), np.float32)
@@ -578,53 +272,41 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
     if obs_rms is not None:
         obs_rms.update(next_obs)
     rng = np.random.default_rng((args.seed, global_step))  # the rollout's action noise (a resumed run: a new stream)
-    discounted = np.zeros(N)  # running discounted return, for the reward scale
-    ep_return, ep_length = np.zeros(N), np.zeros(N, np.int64)
-    monitor = Monitor(writer, args, global_step)
-    last_good, status = checkpoint(), 0
-    try:
-        while iteration < num_iterations and not stop.requested.is_set():
+    scale_reward = plumbing.RewardScaler(N, args.gamma, ret_rms) if ret_rms is not None else None
+    with run.fault_guard():
+        while run.training() and iteration < num_iterations:
             iteration += 1
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1) / num_iterations) * args.learning_rate
 
             # ---- rollout with pi_theta ----
-            pi_old = RolloutPolicy(agent, rng)
+            pi = RolloutPolicy(agent, rng)  # pi_theta and V_phi in numpy, fast for one step of N envs
             for t in range(T):
                 s = normalize_obs(next_obs, obs_rms)
                 obs[t] = s
-                a, _, values[t] = pi_old.act(s)
+                a, _, values[t] = pi.act(s)
                 actions[t] = a
                 env_a = a if discrete else np.clip(a, act_space.low, act_space.high)
                 next_obs, r, term, trunc, infos = envs.step(env_a)
                 global_step += N
                 done = term | trunc
-                ep_return += r
-                ep_length += 1
+                run.episodes(r, done, global_step)
                 if obs_rms is not None:
                     obs_rms.update(next_obs)
-                if ret_rms is not None:
-                    discounted = discounted * args.gamma + r
-                    ret_rms.update(discounted)
-                    r = np.clip(r / np.sqrt(ret_rms.var + 1e-8), -10.0, 10.0)
-                    discounted[done] = 0.0
+                if scale_reward is not None:
+                    r = scale_reward(r, done)
                 rewards[t], terminated[t], ended[t] = r, term, done
                 truncated_only[t] = trunc & ~term
                 if truncated_only[t].any():
                     idx = np.nonzero(truncated_only[t])[0]
-                    s_final = normalize_obs(np.stack(infos["final_obs"][idx]), obs_rms)
-                    V_final[t, idx] = pi_old.value(s_final)
-                for i in np.nonzero(done)[0]:
-                    monitor.episode(ep_return[i], ep_length[i], global_step)
-                    ep_return[i], ep_length[i] = 0.0, 0
-            V_last = pi_old.value(normalize_obs(next_obs, obs_rms))
+                    V_final[t, idx] = pi.value(normalize_obs(np.stack(infos["final_obs"][idx]), obs_rms))
+            V_last = pi.value(normalize_obs(next_obs, obs_rms))
 
             # ---- advantages and returns ----
             V_next = np.concatenate([values[1:], V_last[None]], 0)
             V_next = np.where(truncated_only, V_final, V_next)
             A_hat = gae(rewards, values, V_next, terminated, ended, args.gamma, args.gae_lambda)
             G = A_hat + values
-
             b_obs = torch.as_tensor(obs.reshape(batch_size, obs_dim), device=device)
             b_actions = torch.as_tensor(actions.reshape((batch_size,) + actions.shape[2:]), device=device)
             b_A = torch.as_tensor(A_hat.reshape(-1), device=device)
@@ -635,7 +317,7 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
             # ---- update: one gradient step on the whole rollout (pi_theta = pi_old here, so rho = 1) ----
             head = agent.head(b_obs)
             pg_loss = policy_loss(agent.log_prob(head, b_actions), b_A)
-            v_loss = value_loss(agent.value(b_obs), b_G, None, None)
+            v_loss = value_loss(agent.value(b_obs), b_G)
             loss = pg_loss + args.vf_coef * v_loss
             if args.ent_coef != 0:  # the bonus -c2 H (left out of the graph, not multiplied by 0, when c2 = 0)
                 loss = loss - args.ent_coef * agent.entropy(head).mean()
@@ -646,329 +328,55 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm or math.inf)
             optimizer.step()
-            # a finite loss can still take a step to inf or NaN parameters (a huge learning rate)
-            if not all(torch.isfinite(p).all() for p in agent.parameters()):
+            if not plumbing.all_finite(agent):  # a finite loss can still step to inf or NaN (a huge learning rate)
                 raise RunFault(f"non-finite parameters after the update at global step {global_step}")
 
-            # ---- after the update: exact KL of the step and entropy over the whole batch, diagnostics (every
-            # log_every updates: an update can be 32 steps, and logging each one would cost more than the update) ----
+            # ---- log: the exact KL of the step and the entropy over the whole batch, every log_every updates (an
+            # update can be 32 steps, and logging each one would cost more than the update) ----
+            scalars = {}
             if iteration % log_every == 0 or iteration == num_iterations:
                 with torch.no_grad():
                     b_head = agent.head(b_obs)
                     d = agent.kl(head.detach(), b_head).mean().item()
                     entropy = agent.entropy(b_head).mean()
-                for tag, value in [
-                    ("charts/learning_rate", optimizer.param_groups[0]["lr"]), ("losses/policy_loss", pg_loss.item()),
-                    ("losses/value_loss", v_loss.item()), ("losses/entropy", entropy.item()),
-                    ("losses/kl_exact", d), ("losses/grad_norm", grad_norm.item()),
-                    ("losses/explained_variance", explained_variance(values.ravel(), G.ravel())),
-                ]:  # fmt: skip
-                    writer.add_scalar(tag, value, global_step)
-            monitor.update(global_step)
-            previous_step, last_good = last_good["global_step"], checkpoint()
-            if checkpoint_due(args, global_step, previous_step):
-                save_checkpoint(ckpt_path, last_good)
-    except RunFault as e:
-        monitor.close()
-        print(
-            f"error: {e}; stopping with the last good state (global step {last_good['global_step']})", file=sys.stderr
-        )
-        status = 1
-    monitor.close()
-    envs.close()
-    status = end_run(args, last_good, ckpt_path, writer, status, stop)
-    writer.close()
-    print(f"done in {time.time() - t_start:.1f} s: {last_good['global_step']} steps, run in {run_path}")
-    return status
+                scalars = {
+                    "charts/learning_rate": optimizer.param_groups[0]["lr"], "losses/policy_loss": pg_loss.item(),
+                    "losses/value_loss": v_loss.item(), "losses/entropy": entropy.item(), "losses/kl_exact": d,
+                    "losses/grad_norm": grad_norm.item(),
+                    "losses/explained_variance": plumbing.explained_variance(values.ravel(), G.ravel()),
+                }  # fmt: skip
+            run.update_done(global_step, scalars)
+    return run.end(envs)
 
 
-# ----------------------------------------------------------------------------------------------
-# Plumbing: the same in every script of cleanrl_style/, byte for byte (tests/test_plumbing.py).
-# Copy it from ppo.py into a new script; never edit one copy alone.
-# ----------------------------------------------------------------------------------------------
-
-CHECKPOINT_FORMAT = 1
-RECENT_EPISODES = 20  # the progress bar shows the mean return of this many recent training episodes
-# Flags a resumed run takes from the command line, and flags it may change (a longer run, another evaluation);
-# every other flag must agree with the checkpoint's saved value.
-RESUME_FROM_COMMAND_LINE = ("resume", "device", "progress", "threads", "compile")
-RESUME_MAY_CHANGE = ("total_timesteps", "eval_episodes", "capture_video", "video_dir", "save_model", "checkpoint_every")
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr with exit status 2, before anything is written."""
-
-
-class RunFault(Exception):
-    """A fault during training (a non-finite loss or parameter, a checkpoint that cannot be written): reported
-    as one line on stderr with exit status 1; the last good state is what the checkpoint keeps."""
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def resolve_args(args: Args, discrete: bool) -> Args:
+    """Fill the defaults that depend on the action space, then check that the values fit."""
+    plumbing.check_common_args(args)
+    args = plumbing.fill_defaults(args, DISCRETE_DEFAULTS if discrete else CONTINUOUS_DEFAULTS)
+    batch_size = args.num_envs * args.num_steps
+    plumbing.require(
+        [
+            (0.0 <= args.gamma <= 1.0, f"--gamma must lie in [0, 1], got {args.gamma}"),
+            (0.0 <= args.gae_lambda <= 1.0, f"--gae-lambda must lie in [0, 1], got {args.gae_lambda}"),
+            (args.num_envs >= 1 and args.num_steps >= 1, "--num-envs and --num-steps must be at least 1"),
+            (
+                args.total_timesteps >= batch_size,
+                f"--total-timesteps {args.total_timesteps} is less than one rollout ({batch_size} steps)",
+            ),
+            (args.learning_rate > 0, "--learning-rate must be positive"),
+            (args.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
+            (math.isfinite(args.log_std_init), f"--log-std-init must be a finite number, got {args.log_std_init}"),
+            (args.threads >= 1 and args.hidden_size >= 1, "--threads and --hidden-size must be at least 1"),
+        ]
+    )
+    return args
 
 
-def env_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
-    """Observation and action space of `env_id`, or a UsageError if it is unknown or cannot be made."""
-    try:
-        gym.spec(env_id)
-    except gym.error.Error as e:
-        raise UsageError(f"unknown environment id '{env_id}' ({type(e).__name__})") from None
-    try:
-        env = gym.make(env_id)
-    except Exception as e:  # registered, but a dependency is missing (Box2D for LunarLander) or it fails to build
-        raise UsageError(f"cannot make '{env_id}': {first_line(e)}") from None
-    spaces = env.observation_space, env.action_space
-    env.close()
-    return spaces
-
-
-def writable_dir(path: str) -> bool:
-    """True if `path` is a directory this process can write in, or one it can create."""
-    p = Path(path).absolute()
-    while not p.exists():
-        p = p.parent
-    return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
-
-
-def check_common_args(args) -> None:
-    """The flags every script has: a seed numpy accepts, a name that is not a path, directories that can be written."""
-    checks = [
-        (0 <= args.seed < 2**32, f"--seed must lie in [0, 2^32 - 1], got {args.seed}"),
-        (
-            args.exp_name not in ("", ".", "..") and not set("/\\").intersection(args.exp_name),
-            f"--exp-name must be a plain name without a path separator, got '{args.exp_name}'",
-        ),
-        (args.eval_episodes >= 0, "--eval-episodes must be >= 0"),
-        (args.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
-        (args.device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but CUDA is not available"),
-        (
-            args.resume is not None or writable_dir(args.run_dir),
-            f"--run-dir '{args.run_dir}' is not a writable directory",
-        ),
-        (not args.capture_video or writable_dir(args.video_dir), f"--video-dir '{args.video_dir}' is not writable"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-
-
-def load_checkpoint(path: str) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as e:  # missing, unreadable
-        raise UsageError(f"cannot load checkpoint '{path}': {first_line(e)}") from None
-    except Exception as e:  # empty, truncated, text or random bytes, or more than tensors and plain data
-        raise UsageError(f"'{path}' is not a checkpoint written by these scripts ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("algorithm") != ALGORITHM or not isinstance(ckpt.get("args"), dict):
-        raise UsageError(f"'{path}' is not a {ALGORITHM} checkpoint")
-    return ckpt
-
-
-def save_checkpoint(path: Path, ckpt: dict) -> None:
-    """Write atomically: a crash mid-write never leaves a half-written checkpoint behind, and a failed write (a full
-    disk) leaves the previous checkpoint as it was and no temporary file."""
-    tmp = path.with_suffix(".pt.tmp")
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
-        raise RunFault(f"cannot write checkpoint '{path}': {first_line(e)}") from None
-
-
-def resume_args(args):
-    """--resume PATH: (the checkpoint's args, the checkpoint); otherwise (args, None). The resumed run keeps its
-    hyperparameters: a flag given with a value that contradicts the checkpoint is refused (a flag left at its
-    default cannot be told from an absent one and is taken from the checkpoint)."""
-    if args.resume is None:
-        return args, None
-    ckpt = load_checkpoint(args.resume)
-    default = type(args)()
-    saved = {f.name: ckpt["args"].get(f.name, getattr(default, f.name)) for f in dataclasses.fields(args)}
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
-    given = {k: v for k, v in dataclasses.asdict(args).items() if v != getattr(default, k)}
-    conflicts = [
-        f"--{k.replace('_', '-')} {v} (saved: {saved[k]})"
-        for k, v in given.items()
-        if k not in RESUME_FROM_COMMAND_LINE + RESUME_MAY_CHANGE and v != saved[k]
-    ]
-    if conflicts:
-        raise UsageError(
-            "a resumed run keeps its saved hyperparameters; drop "
-            + ", ".join(conflicts)
-            + f" (with --resume, only --{', --'.join(k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may change)"
-        )
-    kept = {k: getattr(args, k) for k in RESUME_FROM_COMMAND_LINE if k in saved}
-    changed = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
-    return dataclasses.replace(default, **{**saved, **kept, **changed}), ckpt
-
-
-def pick_device(device: str) -> str:
-    """auto: cuda when available, else cpu."""
-    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
-
-
-def seed_everything(seed: int, torch_deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = torch_deterministic
-
-
-def headless_rendering() -> None:
-    """Render without a screen, unless the user chose otherwise: MuJoCo through EGL, pygame (classic control)
-    through SDL's dummy video driver."""
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    if "DISPLAY" not in os.environ:
-        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-
-
-def start_run(args, ckpt: dict | None, t_start: float) -> tuple[Path, SummaryWriter]:
-    """The run directory runs/{env}__{exp_name}__{seed}__{unix_time} (never shared: a second run started in the same
-    second gets a suffix -2, -3, ...), or the resumed run's own; args.json; the TensorBoard writer, which on resume
-    purges the events logged past the checkpoint's step (by a run killed after its last checkpoint)."""
-    try:
-        if ckpt is not None:
-            run_path = Path(args.resume).parent
-        else:
-            name = f"{args.env.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(t_start)}"
-            Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-            run_path, k = Path(args.run_dir) / name, 1
-            while True:
-                try:
-                    run_path.mkdir()
-                    break
-                except FileExistsError:
-                    k += 1
-                    run_path = Path(args.run_dir) / f"{name}-{k}"
-        (run_path / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        writer = SummaryWriter(str(run_path), purge_step=ckpt["global_step"] + 1 if ckpt is not None else None)
-    except OSError as e:
-        raise UsageError(f"cannot write the run directory under '{args.run_dir}': {first_line(e)}") from None
-    table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-    return run_path, writer
-
-
-class StopSignal:
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) ask the training loop to stop at the end of the
-    current update, which checkpoints and exits 130. Once `immediate` is set (the final evaluation), they interrupt
-    at once with KeyboardInterrupt. Installed only in the main thread; `restore` puts the old handlers back."""
-
-    def __init__(self, install: bool = True):
-        self.requested = threading.Event()
-        self.immediate = False
-        self.previous = {}
-        if install and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self.handle)
-
-    def handle(self, signum, frame) -> None:
-        self.requested.set()
-        if self.immediate:
-            raise KeyboardInterrupt
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
-
-
-class Monitor:
-    """Finished training episodes to TensorBoard (charts/episodic_return and charts/episodic_length at their global
-    step), charts/SPS, and a tqdm progress bar (steps, steps per second, mean return of the last RECENT_EPISODES
-    episodes), shown only with --progress on a terminal."""
-
-    def __init__(self, writer: SummaryWriter, args, global_step: int):
-        self.writer, self.recent = writer, collections.deque(maxlen=RECENT_EPISODES)
-        self.start_step, self.start_time = global_step, time.time()
-        enabled = args.progress and sys.stderr.isatty()
-        self.bar = tqdm(total=args.total_timesteps, initial=global_step, unit="step", disable=not enabled)
-
-    def episode(self, G: float, length: int, global_step: int) -> None:
-        self.writer.add_scalar("charts/episodic_return", G, global_step)
-        self.writer.add_scalar("charts/episodic_length", length, global_step)
-        self.recent.append(float(G))
-
-    def update(self, global_step: int) -> None:
-        """Log charts/SPS (steps per second since this process started training) and move the bar."""
-        sps = (global_step - self.start_step) / max(time.time() - self.start_time, 1e-9)
-        self.writer.add_scalar("charts/SPS", sps, global_step)
-        if self.recent:
-            self.bar.set_postfix_str(f"return {np.mean(self.recent):.1f}", refresh=False)
-        self.bar.update(global_step - self.bar.n)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def snapshot(state):
-    """A copy of a run's state that later training cannot change: tensors cloned, arrays copied, dicts, lists and
-    tuples rebuilt, anything else deep-copied. The same as copy.deepcopy, about 5x faster on a state dict (A2C
-    takes one after every update of a few dozen steps)."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().clone()
-    if isinstance(state, np.ndarray):
-        return state.copy()
-    if isinstance(state, dict):  # the same kind of dict (a state_dict's OrderedDict keeps its _metadata)
-        out = copy.copy(state)
-        for k, v in state.items():
-            out[k] = snapshot(v)
-        return out
-    if type(state) in (list, tuple):
-        return type(state)(snapshot(v) for v in state)
-    return copy.deepcopy(state)
-
-
-def checkpoint_due(args, global_step: int, saved_step: int) -> bool:
-    """A periodic checkpoint is due when the run crossed a multiple of --checkpoint-every since `saved_step`."""
-    every = args.checkpoint_every
-    return args.save_model and every > 0 and global_step // every > saved_step // every
-
-
-def end_run(args, ckpt: dict, ckpt_path: Path, writer: SummaryWriter, status: int, stop: StopSignal) -> int:
-    """The ending of every run: write the checkpoint `ckpt` (the last good state); if training was not stopped,
-    evaluate the deterministic policy (eval/episodic_return). Returns the exit status: 0, 1 (a fault), 130."""
-    if args.save_model:
-        try:
-            save_checkpoint(ckpt_path, ckpt)
-            print(f"checkpoint: {ckpt_path} (global step {ckpt['global_step']})")
-        except RunFault as e:
-            print(f"error: {e}", file=sys.stderr)
-            status = 1
-    if stop.requested.is_set():
-        resume = f"; resume with --resume {ckpt_path}" if args.save_model else ""
-        print(f"interrupted at global step {ckpt['global_step']}{resume}", file=sys.stderr)
-        return 130
-    if status == 0 and args.eval_episodes > 0:
-        stop.immediate = True
-        try:
-            video_folder = str(Path(args.video_dir) / ckpt_path.parent.name / "eval")
-            device = pick_device(args.device)
-            returns = evaluate(ckpt, args.eval_episodes, args.seed, args.capture_video, video_folder, device)
-        except KeyboardInterrupt:
-            print("interrupted during the final evaluation (the checkpoint is written)", file=sys.stderr)
-            return 130
-        writer.add_scalar("eval/episodic_return", returns.mean(), ckpt["global_step"])
-        writer.add_scalar("eval/episodic_return_std", returns.std(), ckpt["global_step"])
-        print(f"eval: {returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
-    return status
-
-
-def cli() -> int:
-    """The command line: parse the flags, train, and turn bad input into one line on stderr with exit status 2."""
-    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
-    stop = StopSignal()
-    try:
-        return main(args, stop)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        stop.restore()
+def evaluate(ckpt: dict, episodes: int, seed: int, *more, **kw) -> np.ndarray:
+    """Returns of the deterministic policy (argmax, or the mean action clipped to the bounds) over `episodes`
+    episodes, episode k reset with seed + k; more: capture_video, video_folder, device, progress."""
+    return plumbing.evaluate_actor_critic(Agent, ckpt, episodes, seed, *more, **kw)
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(plumbing.cli(Args, main, __doc__))

@@ -9,6 +9,7 @@ import torch
 from conftest import scalars, train
 from test_ppo_math import brute_force_gae, random_rollout
 
+import plumbing
 from cleanrl_style import a2c, ppo
 
 
@@ -100,6 +101,6 @@ def test_same_seed_same_returns(env, tmp, monkeypatch):
 )
 def test_bad_hyperparameters_are_refused_writing_nothing(flags, word, tmp, monkeypatch):
     monkeypatch.chdir(tmp)
-    with pytest.raises(a2c.UsageError, match=word):
+    with pytest.raises(plumbing.UsageError, match=word):
         a2c.main(a2c.Args(run_dir=str(tmp / "runs"), **flags))
     assert list(tmp.iterdir()) == []

@@ -12,6 +12,7 @@ import torch
 from conftest import run_script, scalars, train
 from torch.func import functional_call
 
+import plumbing
 from cleanrl_style import trpo
 
 
@@ -137,8 +138,10 @@ def test_a_faulty_fisher_vector_product_leaves_theta_old_exactly(fault, monkeypa
     before = [p.detach().clone() for p in params]
     factor = {"negative": -1.0, "nan": math.nan, "zero": 0.0}[fault]
     monkeypatch.setattr(trpo, "fisher_vector_product", lambda kl, params, damping: lambda v: factor * v)
-    step = trpo.trpo_step(params, trpo.make_policy_fn(agent, obs, a, logp_old, A_hat, head_old), 0.01, 10, 0.1,
-                          10, 0.8, 0.1)  # fmt: skip
+    args = trpo.Args(
+        max_kl=0.01, cg_iters=10, cg_damping=0.1, line_search_steps=10, line_search_shrink=0.8, accept_ratio=0.1
+    )
+    step = trpo.trpo_step(params, trpo.make_policy_fn(agent, obs, a, logp_old, A_hat, head_old), args)
     assert step["j"] == -1 and step["step_norm"] == 0.0
     assert all(torch.equal(p, q) for p, q in zip(params, before))
 
@@ -313,7 +316,7 @@ def test_same_seed_same_returns(env, tmp):
 def test_bad_hyperparameters_exit_2_before_writing(flags, tmp, monkeypatch, capsys):
     monkeypatch.chdir(tmp)
     monkeypatch.setattr(sys, "argv", ["trpo.py", *flags, "--run-dir", str(tmp / "runs"), "--no-progress"])
-    assert trpo.cli() == 2
+    assert plumbing.cli(trpo.Args, trpo.main, trpo.__doc__) == 2
     lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and flags[0] in lines[0], lines
     assert list(tmp.iterdir()) == []
