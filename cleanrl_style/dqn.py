@@ -1,6 +1,6 @@
 """Deep Q-Network (DQN) with Double DQN, Dueling networks, prioritised replay and n-step returns, in one file.
 
-Notation of the study notes (see NOTATION.md, "Value-based" and "Beyond the notes"):
+Notation of the study notes (see NOTATION.md in this folder, "Value-based" and "Beyond the notes"):
 
     epsilon-greedy  a_t = argmax_a Q(s_t, a; theta) with probability 1 - epsilon, a random action otherwise
     replay          (s_t, a_t, G_t^(n), s_{t+k}, gamma^k) in preallocated arrays; random mini-batches
@@ -18,24 +18,17 @@ bootstraps (gamma^k (1 - terminated) = 0); after a time-limit truncation the MDP
 from the true final observation (gymnasium's autoreset in the same step puts it in infos["final_obs"]) with
 gamma^k for the k steps taken.
 
-Run:
+Run (Double DQN with 3-step returns are the defaults):
     python cleanrl_style/dqn.py --env CartPole-v1
-    python cleanrl_style/dqn.py --env CartPole-v1 --double --dueling --prioritized --n-step 3
+    python cleanrl_style/dqn.py --env CartPole-v1 --no-double --n-step 1        (plain DQN: the notes' target)
+    python cleanrl_style/dqn.py --env CartPole-v1 --dueling --prioritized      (all four variants)
     python cleanrl_style/dqn.py --env Acrobot-v1
 """
 
-import collections
 import copy
 import dataclasses
-import json
-import os
-import random
-import signal
 import sys
-import threading
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Literal
 
 import gymnasium as gym
@@ -44,18 +37,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
+
+import plumbing
+from plumbing import RunFault
 
 ALGORITHM = "dqn"
 
 
 @dataclass
-class Args:
+class Args(plumbing.RunArgs):  # the flags every script has (--env, --seed, --resume, ...) are in plumbing.RunArgs
     env: Annotated[str, tyro.conf.arg(aliases=("--env-id",))] = "CartPole-v1"
     """gymnasium environment id (Box observations, Discrete actions)"""
-    seed: int = 1
-    """seed of Python, numpy, torch and the environments"""
+    # The defaults (tuned so that CartPole-v1 is solved fast), printed at start:
     total_timesteps: int = 30_000
     """environment steps to train for (all envs together)"""
     num_envs: int = 1
@@ -104,57 +97,12 @@ class Args:
     """eps_p, added to |delta| so that no transition has zero priority"""
     n_step: int = 3
     """n, steps of the n-step return; 1-5"""
-    exp_name: str = Path(__file__).stem
-    """experiment name, part of the run directory name"""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """torch device: auto picks cuda when available"""
-    torch_deterministic: bool = True
-    """make cuDNN deterministic"""
-    threads: int = 1
-    """torch CPU threads"""
-    capture_video: bool = False
-    """record videos of env 0 and of the final evaluation under --video-dir/{run_name}"""
-    save_model: bool = True
-    """write the checkpoint at the end, every --checkpoint-every steps and on Ctrl-C"""
-    checkpoint_every: int = 100_000
-    """write a checkpoint every this many environment steps (0: only at the end)"""
-    eval_episodes: int = 10
-    """deterministic evaluation episodes at the end"""
-    run_dir: str = "runs"
-    """parent directory of the run directories"""
-    video_dir: str = "videos"
-    """parent directory of the video directories"""
-    resume: str | None = None
-    """checkpoint to resume from: its run, hyperparameters and state go on (--total-timesteps may extend it)"""
-    progress: bool = True
-    """show a progress bar on a terminal"""
 
 
-# The hyperparameters printed at start (tuned so that CartPole-v1 is solved fast).
-HYPERPARAMETERS = (
-    "total_timesteps", "num_envs", "learning_rate", "anneal_lr", "buffer_size", "gamma", "tau",
-    "target_network_frequency", "batch_size", "learning_starts", "train_frequency", "epsilon_start", "epsilon_end",
-    "epsilon_decay_fraction", "loss", "max_grad_norm", "hidden_size", "double", "dueling", "prioritized", "per_alpha",
-    "per_beta", "per_eps", "n_step",
-)  # fmt: skip
+# The hyperparameters printed at start: dqn's own flags, in the order of Args.
+COMMON = {f.name for f in dataclasses.fields(plumbing.RunArgs)}
+HYPERPARAMETERS = tuple(f.name for f in dataclasses.fields(Args) if f.name not in COMMON)
 LOG_EVERY = 250  # environment steps between two rows of charts/* and losses/* (and the last-good-state snapshot)
-
-
-# ----------------------------------------------------------------------------------------------
-# Environment
-# ----------------------------------------------------------------------------------------------
-
-
-def make_env(env_id: str, idx: int, capture_video: bool, video_folder: str):
-    def thunk():
-        if capture_video and idx == 0:
-            env = gym.make(env_id, render_mode="rgb_array")
-            env = gym.wrappers.RecordVideo(env, video_folder, name_prefix="train", disable_logger=True)
-        else:
-            env = gym.make(env_id)
-        return gym.wrappers.FlattenObservation(env)
-
-    return thunk
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,6 +149,18 @@ def linear_schedule(step: int, total: int, start: float, end: float, decay_fract
     return start + (end - start) * min(step / duration, 1.0)
 
 
+def epsilon_greedy(q_network: nn.Module, s: np.ndarray, epsilon: float, n_actions: int, rng, device) -> np.ndarray:
+    """a_t per env: argmax_a Q(s_t, a; theta) with probability 1 - epsilon, a uniform random action otherwise (the
+    network is not run when every env explores)."""
+    explore = rng.random(len(s)) < epsilon
+    a = rng.integers(n_actions, size=len(s))
+    if not explore.all():
+        with torch.inference_mode():
+            greedy = q_network(torch.as_tensor(s, dtype=torch.float32, device=device)).argmax(-1)
+        a = np.where(explore, a, greedy.cpu().numpy())
+    return a
+
+
 def td_target(G: torch.Tensor, discount: torch.Tensor, Q_next_target: torch.Tensor, Q_next_online=None):
     """y = G + discount * Q(s', a*; theta^-), with discount = gamma^k (1 - terminated), shapes (B,) and (B, |A|).
 
@@ -216,6 +176,35 @@ def td_loss(Q_sa: torch.Tensor, y: torch.Tensor, kind: str, w: torch.Tensor | No
     else:
         l = (y - Q_sa) ** 2
     return l.mean() if w is None else (w * l).mean()
+
+
+def gradient_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, network: nn.Module, max_grad_norm: float):
+    """theta <- Adam's step on grad L(theta), the global gradient norm clipped to max_grad_norm (0: not clipped)."""
+    optimizer.zero_grad()
+    loss.backward()
+    if max_grad_norm > 0:
+        nn.utils.clip_grad_norm_(network.parameters(), max_grad_norm)
+    optimizer.step()
+
+
+def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -> None:
+    """theta^- <- tau theta + (1 - tau) theta^- (tau = 1: a copy)."""
+    with torch.no_grad():
+        for p_target, p in zip(target_network.parameters(), q_network.parameters()):
+            if tau == 1.0:
+                p_target.copy_(p)
+            else:
+                p_target.lerp_(p, tau)
+
+
+def true_next_obs(next_obs: np.ndarray, done: np.ndarray, infos: dict) -> np.ndarray:
+    """s_{t+1} of each env (N, obs_dim): where an episode ended, its true final observation (infos["final_obs"] of
+    gymnasium's same-step autoreset), not the next episode's first."""
+    if not done.any():
+        return next_obs
+    s_next = next_obs.copy()
+    s_next[done] = np.stack(infos["final_obs"][done])
+    return s_next
 
 
 class NStepBuilder:
@@ -351,6 +340,11 @@ class ReplayBuffer:
         idx, P = self.tree.sample(batch_size, rng)
         return idx, importance_weights(P, self.size, per_beta).astype(np.float32)
 
+    def batch(self, idx: np.ndarray, device) -> tuple[torch.Tensor, ...]:
+        """The transitions idx as tensors: s (B, obs_dim), a (B,), G (B,), s' (B, obs_dim), discount (B,)."""
+        arrays = (self.obs, self.actions, self.G, self.next_obs, self.discount)
+        return tuple(torch.as_tensor(x[idx], device=device) for x in arrays)
+
     def update_priorities(self, idx: np.ndarray, p: np.ndarray) -> None:
         self.tree.update(idx, p)
         self.max_priority = max(self.max_priority, float(p.max()))
@@ -380,162 +374,48 @@ def every(step_before: int, step_after: int, period: int) -> bool:
     return step_after // period > step_before // period
 
 
-# ----------------------------------------------------------------------------------------------
-# Arguments and evaluation
-# ----------------------------------------------------------------------------------------------
-
-
-def resolve_args(args: Args, discrete: bool) -> Args:
-    """Check that the values fit (dqn's defaults do not depend on the spaces)."""
-    check_common_args(args)
-    checks = [
-        (0.0 <= args.gamma <= 1.0, f"--gamma must lie in [0, 1], got {args.gamma}"),
-        (args.num_envs >= 1, "--num-envs must be at least 1"),
-        (
-            args.total_timesteps >= args.num_envs,
-            f"--total-timesteps {args.total_timesteps} is less than one vector step ({args.num_envs} steps)",
-        ),
-        (args.learning_rate > 0, "--learning-rate must be positive"),
-        (args.buffer_size >= 1 and args.batch_size >= 1, "--buffer-size and --batch-size must be at least 1"),
-        (0.0 < args.tau <= 1.0, f"--tau must lie in (0, 1], got {args.tau}"),
-        (args.target_network_frequency >= 1, "--target-network-frequency must be at least 1"),
-        (args.learning_starts >= 0, "--learning-starts must be >= 0"),
-        (args.train_frequency >= 1, "--train-frequency must be at least 1"),
-        (0.0 <= args.epsilon_start <= 1.0 and 0.0 <= args.epsilon_end <= 1.0, "epsilon must lie in [0, 1]"),
-        (0.0 <= args.epsilon_decay_fraction <= 1.0, "--epsilon-decay-fraction must lie in [0, 1]"),
-        (args.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
-        (args.per_alpha >= 0, "--per-alpha must be >= 0"),
-        (0.0 <= args.per_beta <= 1.0, f"--per-beta must lie in [0, 1], got {args.per_beta}"),
-        (args.per_eps > 0, "--per-eps must be positive"),
-        (args.n_step >= 1, "--n-step must be at least 1"),
-        (args.threads >= 1 and args.hidden_size >= 1, "--threads and --hidden-size must be at least 1"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-    return args
-
-
-def evaluate(
-    ckpt: dict,
-    episodes: int,
-    seed: int,
-    capture_video: bool = False,
-    video_folder: str | None = None,
-    device: str = "cpu",
-) -> np.ndarray:
-    """Returns of `episodes` episodes of the greedy policy argmax_a Q(s, a; theta). Episode k resets with seed + k."""
-    obs_space, act_space = env_spaces(ckpt["env_id"])
-    a = ckpt["args"]
-    q_network = QNetwork(int(np.prod(obs_space.shape)), int(act_space.n), a["hidden_size"], a["dueling"]).to(device)
-    q_network.load_state_dict(ckpt["model"])
-    if capture_video:
-        env = gym.make(ckpt["env_id"], render_mode="rgb_array")
-        env = gym.wrappers.RecordVideo(
-            env, video_folder, name_prefix="eval", episode_trigger=lambda e: e == 0, disable_logger=True
-        )
-    else:
-        env = gym.make(ckpt["env_id"])
-    env = gym.wrappers.FlattenObservation(env)
-    returns = []
-    for k in range(episodes):
-        s, _ = env.reset(seed=seed + k)
-        G, done = 0.0, False
-        while not done:
-            with torch.inference_mode():
-                a_t = int(q_network(torch.as_tensor(s[None], dtype=torch.float32, device=device)).argmax(-1)[0])
-            s, r, terminated, truncated, _ = env.step(a_t)
-            G += float(r)
-            done = terminated or truncated
-        returns.append(G)
-    env.close()
-    return np.array(returns)
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
-
-
-def main(args: Args, stop: "StopSignal | None" = None) -> int:
+def main(args: Args, stop: plumbing.StopSignal | None = None) -> int:
     """Train; return the process exit status (0 done, 1 stopped by a fault, 130 interrupted)."""
-    t_start = time.time()
-    stop = stop or StopSignal(install=False)
-    default = Args()
-    given = {k for k in HYPERPARAMETERS if getattr(args, k) != getattr(default, k)}
-    args, ckpt = resume_args(args)
-    obs_space, act_space = env_spaces(args.env)
-    if not isinstance(obs_space, gym.spaces.Box) or not isinstance(act_space, gym.spaces.Discrete):
-        raise UsageError(f"dqn needs Box observations and Discrete actions; {args.env} has {obs_space} and {act_space}")
-    args = resolve_args(args, True)
-    device = torch.device(pick_device(args.device))
-    mark = " (saved)" if ckpt is not None else " (flag)"
-    print(
-        f"dqn on {args.env} ({act_space} actions); defaults, overridden where marked: "
-        + ", ".join(f"{k}={getattr(args, k)}{mark if k in given or ckpt else ''}" for k in HYPERPARAMETERS)
-        + f"; device={device}"
-    )
+    given = {k for k in HYPERPARAMETERS if getattr(args, k) != getattr(Args(), k)}
+    args, ckpt = plumbing.resume_args(args, ALGORITHM)
+    obs_space, act_space = plumbing.env_spaces(args.env, ALGORITHM, obs=gym.spaces.Box, act=gym.spaces.Discrete)
+    args = resolve_args(args)
+    device = plumbing.setup(args)  # seeds, torch threads, headless rendering
+    head = f"dqn on {args.env} ({act_space} actions); defaults, overridden where marked: "
+    plumbing.announce(args, ckpt, head, HYPERPARAMETERS, given, tail=f"; device={device}")
     N = args.num_envs
     total = args.total_timesteps // N * N
     if total != args.total_timesteps:
         print(f"note: training {total} steps, whole vector steps of N = {N} envs")
-    seed_everything(args.seed, args.torch_deterministic)
-    torch.set_num_threads(args.threads)
-    headless_rendering()
 
     obs_dim, n_actions = int(np.prod(obs_space.shape)), int(act_space.n)
-    try:
-        q_network = QNetwork(obs_dim, n_actions, args.hidden_size, args.dueling).to(device)
-        target_network = copy.deepcopy(q_network)
-        rb = ReplayBuffer(args.buffer_size, obs_dim, args.prioritized)
-    except (RuntimeError, MemoryError) as e:  # out of memory for the networks or the buffer asked for
-        raise UsageError(
-            f"cannot build the networks and buffer (--hidden-size {args.hidden_size}, --buffer-size "
-            f"{args.buffer_size}): {first_line(e)}"
-        ) from None
+    sizes = f"--hidden-size {args.hidden_size}, --buffer-size {args.buffer_size}"
+    q_network, target_network, rb = plumbing.build(
+        lambda: build(args, obs_dim, n_actions, device), sizes, built="the networks and buffer"
+    )
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)
     global_step, grad_steps, target_updates = 0, 0, 0
     if ckpt is not None:
-        q_network.load_state_dict(ckpt["model"])
-        target_network.load_state_dict(ckpt["target_model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        rb.load_state_dict(ckpt["replay_buffer"])
+        plumbing.restore(ckpt, model=q_network, target_model=target_network, optimizer=optimizer, replay_buffer=rb)
         global_step, grad_steps, target_updates = ckpt["global_step"], ckpt["grad_steps"], ckpt["target_updates"]
         print(f"resumed {args.resume} at global step {global_step} with {rb.size} transitions in the buffer")
     rng = np.random.default_rng([args.seed, global_step])  # epsilon-greedy and the mini-batches
 
-    def state() -> dict:
-        """The run's state but the buffer's contents (its fill level only), copied: the last good state."""
-        return snapshot({
-            "format_version": CHECKPOINT_FORMAT, "algorithm": ALGORITHM, "env_id": args.env,
-            "args": dataclasses.asdict(args), "global_step": global_step, "grad_steps": grad_steps,
-            "target_updates": target_updates, "model": q_network.state_dict(),
-            "target_model": target_network.state_dict(), "optimizer": optimizer.state_dict(),
-            "buffer_pos": rb.pos, "buffer_size": rb.size,
-        })  # fmt: skip
+    def state() -> dict:  # what a checkpoint holds of the run: of the buffer, its fill level (with_buffer adds it)
+        return {"global_step": global_step, "grad_steps": grad_steps, "target_updates": target_updates,
+                "model": q_network.state_dict(), "target_model": target_network.state_dict(),
+                "optimizer": optimizer.state_dict(), "buffer_pos": rb.pos, "buffer_size": rb.size}  # fmt: skip
 
-    def checkpoint(s: dict) -> dict:
-        """A state with the buffer's transitions up to its fill level at that state."""
-        return {**s, "replay_buffer": rb.state_dict(s["buffer_pos"], s["buffer_size"])}
+    def with_buffer(kept: dict) -> dict:  # a kept state's checkpoint: the buffer up to its fill level at that state
+        return {**kept, "replay_buffer": rb.state_dict(kept["buffer_pos"], kept["buffer_size"])}
 
-    # ---- run directory (nothing is written before this point) and environments ----
-    run_path, writer = start_run(args, ckpt, t_start)
-    ckpt_path = run_path / f"{args.exp_name}.pt"
-    # N copies that autoreset in the same step, so that the true final observation of an episode is at hand
-    video_folder = str(Path(args.video_dir) / run_path.name / "train")
-    envs = gym.vector.SyncVectorEnv(
-        [make_env(args.env, i, args.capture_video, video_folder) for i in range(N)],
-        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-    )
-    envs.action_space.seed(args.seed)
+    run = plumbing.Run(args, ALGORITHM, ckpt, stop, evaluate, state, to_checkpoint=with_buffer)  # the run directory
+    envs = run.vector_env(plumbing.make_env, N)
     n_step = NStepBuilder(N, args.n_step, args.gamma, obs_dim)
 
     s, _ = envs.reset(seed=[args.seed + global_step + i for i in range(N)])
-    ep_return, ep_length = np.zeros(N), np.zeros(N, np.int64)
-    monitor = Monitor(writer, args, global_step)
-    last_good, status = state(), 0
-    try:
-        while global_step < total and not stop.requested.is_set():
+    with run.fault_guard():
+        while run.training() and global_step < total:  # blocks of LOG_EVERY steps, logged and kept as last good state
             block_end = min(total, (global_step // LOG_EVERY + 1) * LOG_EVERY)
             losses, q_means = [], []
             if args.anneal_lr:
@@ -544,53 +424,31 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
                 # ---- act epsilon-greedily, step the envs, store the n-step transitions ----
                 epsilon = linear_schedule(global_step, total, args.epsilon_start, args.epsilon_end,
                                           args.epsilon_decay_fraction)  # fmt: skip
-                explore = rng.random(N) < epsilon
-                a = rng.integers(n_actions, size=N)
-                if not explore.all():
-                    with torch.inference_mode():
-                        greedy = q_network(torch.as_tensor(s, dtype=torch.float32, device=device)).argmax(-1)
-                    a = np.where(explore, a, greedy.cpu().numpy())
+                a = epsilon_greedy(q_network, s, epsilon, n_actions, rng, device)
                 next_obs, r, term, trunc, infos = envs.step(a)
                 global_step += N
-                done = term | trunc
-                s_next = next_obs  # on an episode's end: the true final observation, not the reset one
-                if done.any():
-                    s_next = next_obs.copy()
-                    s_next[done] = np.stack(infos["final_obs"][done])
-                emitted = n_step.add(s, a, r, s_next, term, trunc)
+                run.episodes(r, term | trunc, global_step)
+                emitted = n_step.add(s, a, r, true_next_obs(next_obs, term | trunc, infos), term, trunc)
                 if emitted is not None:
                     rb.add(*emitted)
-                ep_return += r
-                ep_length += 1
-                for i in np.nonzero(done)[0]:
-                    monitor.episode(ep_return[i], ep_length[i], global_step)
-                    ep_return[i], ep_length[i] = 0.0, 0
                 s = next_obs
 
-                # ---- gradient steps: one per --train-frequency env steps after --learning-starts ----
+                # ---- gradient steps on the TD target: one per --train-frequency env steps after --learning-starts ----
                 due = max(global_step - args.learning_starts, 0) // args.train_frequency - grad_steps
                 if rb.size < args.batch_size:  # too few transitions for a mini-batch yet: skip these steps
                     grad_steps, due = grad_steps + due, 0
                 per_beta = linear_schedule(global_step, total, args.per_beta, 1.0, 1.0)
                 for _ in range(due):
                     idx, w = rb.sample(args.batch_size, rng, per_beta)
-                    b_obs = torch.as_tensor(rb.obs[idx], device=device)
-                    b_next = torch.as_tensor(rb.next_obs[idx], device=device)
-                    with torch.no_grad():
-                        Q_next_online = q_network(b_next) if args.double else None
-                        y = td_target(torch.as_tensor(rb.G[idx], device=device),
-                                      torch.as_tensor(rb.discount[idx], device=device),
-                                      target_network(b_next), Q_next_online)  # fmt: skip
-                    Q_sa = q_network(b_obs).gather(-1, torch.as_tensor(rb.actions[idx], device=device)[:, None])
-                    Q_sa = Q_sa.squeeze(-1)
+                    b_s, b_a, b_G, b_s_next, b_discount = rb.batch(idx, device)
+                    with torch.no_grad():  # y from theta^- (Double: a' chosen by theta)
+                        Q_next_online = q_network(b_s_next) if args.double else None
+                        y = td_target(b_G, b_discount, target_network(b_s_next), Q_next_online)
+                    Q_sa = q_network(b_s).gather(-1, b_a[:, None]).squeeze(-1)
                     loss = td_loss(Q_sa, y, args.loss, torch.as_tensor(w, device=device) if args.prioritized else None)
                     if not torch.isfinite(loss):
                         raise RunFault(f"non-finite TD loss {loss.item()} at global step {global_step}")
-                    optimizer.zero_grad()
-                    loss.backward()
-                    if args.max_grad_norm > 0:
-                        nn.utils.clip_grad_norm_(q_network.parameters(), args.max_grad_norm)
-                    optimizer.step()
+                    gradient_step(optimizer, loss, q_network, args.max_grad_norm)
                     grad_steps += 1
                     if args.prioritized:
                         delta = (y - Q_sa).detach().cpu().numpy()
@@ -600,330 +458,80 @@ def main(args: Args, stop: "StopSignal | None" = None) -> int:
 
                 # ---- target network: every --target-network-frequency env steps, apart from the train check ----
                 if grad_steps > 0 and every(global_step - N, global_step, args.target_network_frequency):
-                    with torch.no_grad():
-                        for p_target, p in zip(target_network.parameters(), q_network.parameters()):
-                            if args.tau == 1.0:
-                                p_target.copy_(p)
-                            else:
-                                p_target.lerp_(p, args.tau)
+                    update_target(target_network, q_network, args.tau)
                     target_updates += 1
 
-            # a finite loss can still take a step to inf or NaN parameters (a huge learning rate)
-            if not all(torch.isfinite(p).all() for p in q_network.parameters()):
+            if not plumbing.all_finite(q_network):  # a finite loss can still step to inf or NaN (a huge learning rate)
                 raise RunFault(f"non-finite parameters after the gradient steps up to global step {global_step}")
-            for tag, value in [
-                ("charts/learning_rate", optimizer.param_groups[0]["lr"]), ("charts/epsilon", epsilon),
-                ("charts/grad_steps", grad_steps), ("charts/target_updates", target_updates),
-                ("charts/buffer_size", rb.size),
-            ] + ([("charts/per_beta", per_beta)] if args.prioritized else []) + (
-                [("losses/td_loss", np.mean(losses)), ("losses/q_values", np.mean(q_means))] if losses else []
-            ):  # fmt: skip
-                writer.add_scalar(tag, value, global_step)
-            monitor.update(global_step)
-            previous_step, last_good = last_good["global_step"], state()
-            if checkpoint_due(args, global_step, previous_step):
-                save_checkpoint(ckpt_path, checkpoint(last_good))
-    except RunFault as e:
-        monitor.close()
-        print(
-            f"error: {e}; stopping with the last good state (global step {last_good['global_step']})", file=sys.stderr
-        )
-        status = 1
-    monitor.close()
-    envs.close()
-    status = end_run(args, checkpoint(last_good), ckpt_path, writer, status, stop)
-    writer.close()
-    print(f"done in {time.time() - t_start:.1f} s: {last_good['global_step']} steps, run in {run_path}")
-    return status
+            scalars = {"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/epsilon": epsilon,
+                       "charts/grad_steps": grad_steps, "charts/target_updates": target_updates,
+                       "charts/buffer_size": rb.size}  # fmt: skip
+            if args.prioritized:
+                scalars["charts/per_beta"] = per_beta
+            if losses:
+                scalars |= {"losses/td_loss": np.mean(losses), "losses/q_values": np.mean(q_means)}
+            run.update_done(global_step, scalars)
+    return run.end(envs)
 
 
-# ----------------------------------------------------------------------------------------------
-# Plumbing: the same in every script of cleanrl_style/, byte for byte (tests/test_plumbing.py).
-# Copy it from ppo.py into a new script; never edit one copy alone.
-# ----------------------------------------------------------------------------------------------
-
-CHECKPOINT_FORMAT = 1
-RECENT_EPISODES = 20  # the progress bar shows the mean return of this many recent training episodes
-# Flags a resumed run takes from the command line, and flags it may change (a longer run, another evaluation);
-# every other flag must agree with the checkpoint's saved value.
-RESUME_FROM_COMMAND_LINE = ("resume", "device", "progress", "threads", "compile")
-RESUME_MAY_CHANGE = ("total_timesteps", "eval_episodes", "capture_video", "video_dir", "save_model", "checkpoint_every")
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr with exit status 2, before anything is written."""
-
-
-class RunFault(Exception):
-    """A fault during training (a non-finite loss or parameter, a checkpoint that cannot be written): reported
-    as one line on stderr with exit status 1; the last good state is what the checkpoint keeps."""
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def env_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
-    """Observation and action space of `env_id`, or a UsageError if it is unknown or cannot be made."""
-    try:
-        gym.spec(env_id)
-    except gym.error.Error as e:
-        raise UsageError(f"unknown environment id '{env_id}' ({type(e).__name__})") from None
-    try:
-        env = gym.make(env_id)
-    except Exception as e:  # registered, but a dependency is missing (Box2D for LunarLander) or it fails to build
-        raise UsageError(f"cannot make '{env_id}': {first_line(e)}") from None
-    spaces = env.observation_space, env.action_space
-    env.close()
-    return spaces
+def resolve_args(args: Args) -> Args:
+    """Check that the values fit (dqn's defaults do not depend on the spaces)."""
+    plumbing.check_common_args(args)
+    plumbing.require(
+        [
+            (0.0 <= args.gamma <= 1.0, f"--gamma must lie in [0, 1], got {args.gamma}"),
+            (args.num_envs >= 1, "--num-envs must be at least 1"),
+            (
+                args.total_timesteps >= args.num_envs,
+                f"--total-timesteps {args.total_timesteps} is less than one vector step ({args.num_envs} steps)",
+            ),
+            (args.learning_rate > 0, "--learning-rate must be positive"),
+            (args.buffer_size >= 1 and args.batch_size >= 1, "--buffer-size and --batch-size must be at least 1"),
+            (0.0 < args.tau <= 1.0, f"--tau must lie in (0, 1], got {args.tau}"),
+            (args.target_network_frequency >= 1, "--target-network-frequency must be at least 1"),
+            (args.learning_starts >= 0, "--learning-starts must be >= 0"),
+            (args.train_frequency >= 1, "--train-frequency must be at least 1"),
+            (0.0 <= args.epsilon_start <= 1.0 and 0.0 <= args.epsilon_end <= 1.0, "epsilon must lie in [0, 1]"),
+            (0.0 <= args.epsilon_decay_fraction <= 1.0, "--epsilon-decay-fraction must lie in [0, 1]"),
+            (args.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
+            (args.per_alpha >= 0, "--per-alpha must be >= 0"),
+            (0.0 <= args.per_beta <= 1.0, f"--per-beta must lie in [0, 1], got {args.per_beta}"),
+            (args.per_eps > 0, "--per-eps must be positive"),
+            (args.n_step >= 1, "--n-step must be at least 1"),
+            (args.threads >= 1 and args.hidden_size >= 1, "--threads and --hidden-size must be at least 1"),
+        ]
+    )
+    return args
 
 
-def writable_dir(path: str) -> bool:
-    """True if `path` is a directory this process can write in, or one it can create."""
-    p = Path(path).absolute()
-    while not p.exists():
-        p = p.parent
-    return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
+def build(args: Args, obs_dim: int, n_actions: int, device: torch.device) -> tuple:
+    """Q(.; theta), its copy Q(.; theta^-) and the empty replay buffer."""
+    q_network = QNetwork(obs_dim, n_actions, args.hidden_size, args.dueling).to(device)
+    return q_network, copy.deepcopy(q_network), ReplayBuffer(args.buffer_size, obs_dim, args.prioritized)
 
 
-def check_common_args(args) -> None:
-    """The flags every script has: a seed numpy accepts, a name that is not a path, directories that can be written."""
-    checks = [
-        (0 <= args.seed < 2**32, f"--seed must lie in [0, 2^32 - 1], got {args.seed}"),
-        (
-            args.exp_name not in ("", ".", "..") and not set("/\\").intersection(args.exp_name),
-            f"--exp-name must be a plain name without a path separator, got '{args.exp_name}'",
-        ),
-        (args.eval_episodes >= 0, "--eval-episodes must be >= 0"),
-        (args.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
-        (args.device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but CUDA is not available"),
-        (
-            args.resume is not None or writable_dir(args.run_dir),
-            f"--run-dir '{args.run_dir}' is not a writable directory",
-        ),
-        (not args.capture_video or writable_dir(args.video_dir), f"--video-dir '{args.video_dir}' is not writable"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
+def evaluate(
+    ckpt: dict,
+    episodes: int,
+    seed: int,
+    capture_video: bool = False,
+    video_folder: str | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+) -> np.ndarray:
+    """Returns of `episodes` episodes of the greedy policy argmax_a Q(s, a; theta). Episode k resets with seed + k."""
+    obs_space, act_space = plumbing.env_spaces(ckpt["env_id"])
+    a = ckpt["args"]
+    q_network = QNetwork(int(np.prod(obs_space.shape)), int(act_space.n), a["hidden_size"], a["dueling"]).to(device)
+    q_network.load_state_dict(ckpt["model"])
 
+    def greedy(s: np.ndarray) -> int:
+        with torch.inference_mode():
+            return int(q_network(torch.as_tensor(s[None], dtype=torch.float32, device=device)).argmax(-1)[0])
 
-def load_checkpoint(path: str) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as e:  # missing, unreadable
-        raise UsageError(f"cannot load checkpoint '{path}': {first_line(e)}") from None
-    except Exception as e:  # empty, truncated, text or random bytes, or more than tensors and plain data
-        raise UsageError(f"'{path}' is not a checkpoint written by these scripts ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("algorithm") != ALGORITHM or not isinstance(ckpt.get("args"), dict):
-        raise UsageError(f"'{path}' is not a {ALGORITHM} checkpoint")
-    return ckpt
-
-
-def save_checkpoint(path: Path, ckpt: dict) -> None:
-    """Write atomically: a crash mid-write never leaves a half-written checkpoint behind, and a failed write (a full
-    disk) leaves the previous checkpoint as it was and no temporary file."""
-    tmp = path.with_suffix(".pt.tmp")
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
-        raise RunFault(f"cannot write checkpoint '{path}': {first_line(e)}") from None
-
-
-def resume_args(args):
-    """--resume PATH: (the checkpoint's args, the checkpoint); otherwise (args, None). The resumed run keeps its
-    hyperparameters: a flag given with a value that contradicts the checkpoint is refused (a flag left at its
-    default cannot be told from an absent one and is taken from the checkpoint)."""
-    if args.resume is None:
-        return args, None
-    ckpt = load_checkpoint(args.resume)
-    default = type(args)()
-    saved = {f.name: ckpt["args"].get(f.name, getattr(default, f.name)) for f in dataclasses.fields(args)}
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
-    given = {k: v for k, v in dataclasses.asdict(args).items() if v != getattr(default, k)}
-    conflicts = [
-        f"--{k.replace('_', '-')} {v} (saved: {saved[k]})"
-        for k, v in given.items()
-        if k not in RESUME_FROM_COMMAND_LINE + RESUME_MAY_CHANGE and v != saved[k]
-    ]
-    if conflicts:
-        raise UsageError(
-            "a resumed run keeps its saved hyperparameters; drop "
-            + ", ".join(conflicts)
-            + f" (with --resume, only --{', --'.join(k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may change)"
-        )
-    kept = {k: getattr(args, k) for k in RESUME_FROM_COMMAND_LINE if k in saved}
-    changed = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
-    return dataclasses.replace(default, **{**saved, **kept, **changed}), ckpt
-
-
-def pick_device(device: str) -> str:
-    """auto: cuda when available, else cpu."""
-    return "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
-
-
-def seed_everything(seed: int, torch_deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = torch_deterministic
-
-
-def headless_rendering() -> None:
-    """Render without a screen, unless the user chose otherwise: MuJoCo through EGL, pygame (classic control)
-    through SDL's dummy video driver."""
-    os.environ.setdefault("MUJOCO_GL", "egl")
-    if "DISPLAY" not in os.environ:
-        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-
-
-def start_run(args, ckpt: dict | None, t_start: float) -> tuple[Path, SummaryWriter]:
-    """The run directory runs/{env}__{exp_name}__{seed}__{unix_time} (never shared: a second run started in the same
-    second gets a suffix -2, -3, ...), or the resumed run's own; args.json; the TensorBoard writer, which on resume
-    purges the events logged past the checkpoint's step (by a run killed after its last checkpoint)."""
-    try:
-        if ckpt is not None:
-            run_path = Path(args.resume).parent
-        else:
-            name = f"{args.env.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(t_start)}"
-            Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-            run_path, k = Path(args.run_dir) / name, 1
-            while True:
-                try:
-                    run_path.mkdir()
-                    break
-                except FileExistsError:
-                    k += 1
-                    run_path = Path(args.run_dir) / f"{name}-{k}"
-        (run_path / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        writer = SummaryWriter(str(run_path), purge_step=ckpt["global_step"] + 1 if ckpt is not None else None)
-    except OSError as e:
-        raise UsageError(f"cannot write the run directory under '{args.run_dir}': {first_line(e)}") from None
-    table = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-    return run_path, writer
-
-
-class StopSignal:
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) ask the training loop to stop at the end of the
-    current update, which checkpoints and exits 130. Once `immediate` is set (the final evaluation), they interrupt
-    at once with KeyboardInterrupt. Installed only in the main thread; `restore` puts the old handlers back."""
-
-    def __init__(self, install: bool = True):
-        self.requested = threading.Event()
-        self.immediate = False
-        self.previous = {}
-        if install and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self.handle)
-
-    def handle(self, signum, frame) -> None:
-        self.requested.set()
-        if self.immediate:
-            raise KeyboardInterrupt
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
-
-
-class Monitor:
-    """Finished training episodes to TensorBoard (charts/episodic_return and charts/episodic_length at their global
-    step), charts/SPS, and a tqdm progress bar (steps, steps per second, mean return of the last RECENT_EPISODES
-    episodes), shown only with --progress on a terminal."""
-
-    def __init__(self, writer: SummaryWriter, args, global_step: int):
-        self.writer, self.recent = writer, collections.deque(maxlen=RECENT_EPISODES)
-        self.start_step, self.start_time = global_step, time.time()
-        enabled = args.progress and sys.stderr.isatty()
-        self.bar = tqdm(total=args.total_timesteps, initial=global_step, unit="step", disable=not enabled)
-
-    def episode(self, G: float, length: int, global_step: int) -> None:
-        self.writer.add_scalar("charts/episodic_return", G, global_step)
-        self.writer.add_scalar("charts/episodic_length", length, global_step)
-        self.recent.append(float(G))
-
-    def update(self, global_step: int) -> None:
-        """Log charts/SPS (steps per second since this process started training) and move the bar."""
-        sps = (global_step - self.start_step) / max(time.time() - self.start_time, 1e-9)
-        self.writer.add_scalar("charts/SPS", sps, global_step)
-        if self.recent:
-            self.bar.set_postfix_str(f"return {np.mean(self.recent):.1f}", refresh=False)
-        self.bar.update(global_step - self.bar.n)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def snapshot(state):
-    """A copy of a run's state that later training cannot change: tensors cloned, arrays copied, dicts, lists and
-    tuples rebuilt, anything else deep-copied. The same as copy.deepcopy, about 5x faster on a state dict (A2C
-    takes one after every update of a few dozen steps)."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().clone()
-    if isinstance(state, np.ndarray):
-        return state.copy()
-    if isinstance(state, dict):  # the same kind of dict (a state_dict's OrderedDict keeps its _metadata)
-        out = copy.copy(state)
-        for k, v in state.items():
-            out[k] = snapshot(v)
-        return out
-    if type(state) in (list, tuple):
-        return type(state)(snapshot(v) for v in state)
-    return copy.deepcopy(state)
-
-
-def checkpoint_due(args, global_step: int, saved_step: int) -> bool:
-    """A periodic checkpoint is due when the run crossed a multiple of --checkpoint-every since `saved_step`."""
-    every = args.checkpoint_every
-    return args.save_model and every > 0 and global_step // every > saved_step // every
-
-
-def end_run(args, ckpt: dict, ckpt_path: Path, writer: SummaryWriter, status: int, stop: StopSignal) -> int:
-    """The ending of every run: write the checkpoint `ckpt` (the last good state); if training was not stopped,
-    evaluate the deterministic policy (eval/episodic_return). Returns the exit status: 0, 1 (a fault), 130."""
-    if args.save_model:
-        try:
-            save_checkpoint(ckpt_path, ckpt)
-            print(f"checkpoint: {ckpt_path} (global step {ckpt['global_step']})")
-        except RunFault as e:
-            print(f"error: {e}", file=sys.stderr)
-            status = 1
-    if stop.requested.is_set():
-        resume = f"; resume with --resume {ckpt_path}" if args.save_model else ""
-        print(f"interrupted at global step {ckpt['global_step']}{resume}", file=sys.stderr)
-        return 130
-    if status == 0 and args.eval_episodes > 0:
-        stop.immediate = True
-        try:
-            video_folder = str(Path(args.video_dir) / ckpt_path.parent.name / "eval")
-            device = pick_device(args.device)
-            returns = evaluate(ckpt, args.eval_episodes, args.seed, args.capture_video, video_folder, device)
-        except KeyboardInterrupt:
-            print("interrupted during the final evaluation (the checkpoint is written)", file=sys.stderr)
-            return 130
-        writer.add_scalar("eval/episodic_return", returns.mean(), ckpt["global_step"])
-        writer.add_scalar("eval/episodic_return_std", returns.std(), ckpt["global_step"])
-        print(f"eval: {returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
-    return status
-
-
-def cli() -> int:
-    """The command line: parse the flags, train, and turn bad input into one line on stderr with exit status 2."""
-    args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
-    stop = StopSignal()
-    try:
-        return main(args, stop)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        stop.restore()
+    env = plumbing.eval_env(ckpt["env_id"], capture_video, video_folder)
+    return plumbing.play_episodes(env, greedy, episodes, seed, progress)
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(plumbing.cli(Args, main, __doc__))

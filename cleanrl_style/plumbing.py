@@ -18,8 +18,9 @@ for the rest, in a few visible calls:
 What lives here, top to bottom: errors and checks of the command line; the flags every script shares (RunArgs);
 environments and their spaces; observation/reward statistics; the numpy rollout policy and the compiled update
 step (speed); checkpoints and --resume; the run directory, TensorBoard, signals and the progress bar (Run); the
-deterministic evaluation; the command-line wrapper (cli). It imports no algorithm script: a script hands it what
-it needs (its name, its Args, its evaluate function, a function returning its state).
+deterministic evaluation; the tabular scripts' shared parts (Discretizer, env, greedy evaluation, policy picture);
+the command-line wrapper (cli). It imports no algorithm script: a script hands it what it needs (its name, its
+Args, its evaluate function, a function returning its state).
 
 To copy an algorithm out of this repository, copy its script together with this file.
 """
@@ -237,13 +238,13 @@ def setup(args) -> torch.device:
     return torch.device(pick_device(args.device))
 
 
-def build(make: Callable, what: str):
+def build(make: Callable, what: str, built: str = "the networks"):
     """make(), with running out of memory for the networks or buffers asked for (`what`: the flags that size them)
-    turned into a UsageError."""
+    turned into a UsageError that names what was `built`."""
     try:
         return make()
     except (RuntimeError, MemoryError) as e:
-        raise UsageError(f"cannot build the networks ({what}): {first_line(e)}") from None
+        raise UsageError(f"cannot build {built} ({what}): {first_line(e)}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -664,9 +665,14 @@ class Run:
     writer. `state()` returns the algorithm's state (global_step first, then networks, optimiser, statistics ...);
     the run adds the format version, the algorithm, the env id and the args, and keeps a copy taken after each
     update as the last good state, which is what the checkpoint holds at the end, on Ctrl-C and after a fault.
-    `to_checkpoint(state)` turns a kept state into what is written (the default writes it as it is)."""
+    `to_checkpoint(state)` turns a kept state into what is written (the default writes it as it is).
+    `live=True` (the tabular scripts, which check a step before it changes their table): the state is good at every
+    step, so no copy is kept; `step_done(global_step)` after each step writes the checkpoint when --checkpoint-every
+    says so, `update_done` only logs, and the checkpoint at the end, on Ctrl-C or after a fault is the state then."""
 
-    def __init__(self, args, algorithm: str, ckpt, stop, evaluate: Callable, state: Callable, to_checkpoint=None):
+    def __init__(
+        self, args, algorithm: str, ckpt, stop, evaluate: Callable, state: Callable, to_checkpoint=None, live=False
+    ):
         self.t_start = time.time()
         self.args, self.algorithm, self.evaluate = args, algorithm, evaluate
         self.stop = stop or StopSignal(install=False)
@@ -675,6 +681,7 @@ class Run:
         self.ckpt_path = self.path / f"{args.exp_name}.pt"
         self.monitor, self.last_good, self.status = None, None, 0
         self.ep_return = self.ep_length = None
+        self.live, self.saved_step = live, None  # live: the step of the last checkpoint written (or of the start)
 
     def video_folder(self, kind: str) -> str:
         """videos/{run_name}/{kind}: where --capture-video writes the training ("train") or evaluation videos."""
@@ -701,6 +708,7 @@ class Run:
         progress bar and keeps the state at the start as the last good one."""
         if self.monitor is None:
             self.last_good = self.full_state()
+            self.saved_step = self.last_good["global_step"]
             self.monitor = Monitor(self.writer, self.args, self.last_good["global_step"])
         return not self.stop.requested.is_set()
 
@@ -720,9 +728,17 @@ class Run:
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, global_step)
         self.monitor.update(global_step)
+        if self.live:  # the state is good at every step: step_done writes the checkpoints
+            return
         previous_step, self.last_good = self.last_good["global_step"], self.full_state()
         if checkpoint_due(self.args, global_step, previous_step):
             save_checkpoint(self.ckpt_path, self.to_checkpoint(self.last_good))
+
+    def step_done(self, global_step: int) -> None:
+        """live: after each step, write the checkpoint of the state now when --checkpoint-every says so."""
+        if checkpoint_due(self.args, global_step, self.saved_step):
+            save_checkpoint(self.ckpt_path, self.to_checkpoint(self.full_state()))
+            self.saved_step = global_step
 
     @contextmanager
     def fault_guard(self):
@@ -734,7 +750,8 @@ class Run:
             if self.monitor is not None:
                 self.monitor.close()
             step = self.last_good["global_step"] if self.last_good else "?"
-            print(f"error: {e}; stopping with the last good state (global step {step})", file=sys.stderr)
+            where = "" if self.live else f" (global step {step})"  # live: the state of the step the fault names
+            print(f"error: {e}; stopping with the last good state{where}", file=sys.stderr)
             self.status = 1
 
     def end(self, *envs) -> int:
@@ -744,7 +761,7 @@ class Run:
             self.monitor.close()
         for env in envs:
             env.close()
-        last_good = self.to_checkpoint(self.last_good or self.full_state())
+        last_good = self.to_checkpoint(self.full_state() if self.live else (self.last_good or self.full_state()))
         status = end_run(self.args, last_good, self.ckpt_path, self.writer, self.status, self.stop, self.evaluate)
         self.writer.close()
         print(f"done in {time.time() - self.t_start:.1f} s: {last_good['global_step']} steps, run in {self.path}")
@@ -870,6 +887,190 @@ def _wrappers(env: gym.Env):
     while isinstance(env, gym.Wrapper):
         yield env
         env = env.env
+
+
+# ----------------------------------------------------------------------------------------------
+# Tabular: what q_learning.py and sarsa.py share besides their update rules (the Q-table's rows, the env, the
+# greedy evaluation, the picture of the greedy policy)
+# ----------------------------------------------------------------------------------------------
+
+# Box observations: bounds where the space gives none (or gives far wider ones than an episode visits)
+KNOWN_DISCRETISATIONS = {
+    # cart position, cart velocity, pole angle (the episode ends at +-12 degrees), pole angular velocity
+    "CartPole-v1": dict(bins=(3, 3, 8, 8), obs_low=(-2.4, -3.0, -0.21, -3.5), obs_high=(2.4, 3.0, 0.21, 3.5)),
+}
+UNBOUNDED_LIMIT = 5.0  # bound used for a Box dimension that is infinite and not in the table
+EVAL_STEP_LIMIT = 1_000  # evaluation step cap for envs without a time limit (a greedy policy may loop)
+# Grid worlds: the (dx, dy) arrow of each action, y pointing up.
+GRID_ARROWS = {
+    "CliffWalking": {0: (0, 1), 1: (1, 0), 2: (0, -1), 3: (-1, 0)},  # up, right, down, left
+    "FrozenLake": {0: (-1, 0), 1: (0, -1), 2: (1, 0), 3: (0, 1)},  # left, down, right, up
+}
+
+
+def tabular_spaces(env_id: str, algorithm: str) -> tuple[gym.Space, gym.Space]:
+    """Observation and action space of `env_id`, or a UsageError unless a table can hold them: Discrete actions,
+    Discrete or Box observations."""
+    obs_space, act_space = env_spaces(env_id)
+    Box, Discrete = gym.spaces.Box, gym.spaces.Discrete
+    require(
+        [
+            (
+                isinstance(act_space, Discrete),
+                f"tabular {algorithm} needs a Discrete action space; {env_id} has {act_space}",
+            ),
+            (
+                isinstance(obs_space, (Discrete, Box)),
+                f"tabular {algorithm} needs Discrete or Box observations; {env_id} has {obs_space}",
+            ),
+        ]
+    )
+    return obs_space, act_space
+
+
+class Discretizer:
+    """Maps an observation to a row of the Q-table. Discrete: the observation itself. Box: the bin
+    of each dimension (equal-width bins between low and high, clipped at both ends), combined in
+    row-major order into one index."""
+
+    def __init__(self, n_states: int | None = None, bins=None, low=None, high=None):
+        self.bins = None if bins is None else np.asarray(bins, np.int64)
+        self.low = None if low is None else np.asarray(low, np.float64)
+        self.high = None if high is None else np.asarray(high, np.float64)
+        self.n_states = int(n_states) if bins is None else int(np.prod(self.bins))
+
+    def __call__(self, s) -> int:
+        if self.bins is None:
+            return int(s)
+        frac = (np.asarray(s, np.float64) - self.low) / (self.high - self.low)
+        idx = np.clip((frac * self.bins).astype(np.int64), 0, self.bins - 1)
+        return int(np.ravel_multi_index(idx, self.bins))
+
+    def state_dict(self) -> dict:
+        if self.bins is None:
+            return {"n_states": self.n_states}
+        return {"bins": self.bins.tolist(), "low": self.low.tolist(), "high": self.high.tolist()}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "Discretizer":
+        return cls(d.get("n_states"), d.get("bins"), d.get("low"), d.get("high"))
+
+
+def make_discretizer(args, obs_space: gym.Space) -> Discretizer:
+    """The Discretizer of a tabular script's --bins, --obs-low and --obs-high (default: 6 bins per dimension between
+    the space's bounds, +-UNBOUNDED_LIMIT where infinite, or the KNOWN_DISCRETISATIONS of the env)."""
+    if isinstance(obs_space, gym.spaces.Discrete):
+        return Discretizer(n_states=obs_space.n)
+    dim = int(np.prod(obs_space.shape))
+    known = KNOWN_DISCRETISATIONS.get(args.env, {})
+    bins = args.bins or known.get("bins") or (6,)
+    low = (
+        args.obs_low
+        or known.get("obs_low")
+        or tuple(np.where(np.isfinite(obs_space.low), obs_space.low, -UNBOUNDED_LIMIT))
+    )
+    high = (
+        args.obs_high
+        or known.get("obs_high")
+        or tuple(np.where(np.isfinite(obs_space.high), obs_space.high, UNBOUNDED_LIMIT))
+    )
+    bins = tuple(bins) * dim if len(bins) == 1 else tuple(bins)
+    if len(bins) != dim or len(low) != dim or len(high) != dim:
+        raise UsageError(f"--bins, --obs-low and --obs-high need 1 or {dim} values for {args.env}")
+    if min(bins) < 1 or any(h <= l for l, h in zip(low, high)):
+        raise UsageError("--bins must be >= 1 and --obs-high above --obs-low in every dimension")
+    n_states = math.prod(int(b) for b in bins)  # Python integers: 6^64 does not wrap around as int64 would
+    if n_states > 10_000_000:
+        raise UsageError(f"{n_states:,} states: too many for a table; use fewer --bins")
+    return Discretizer(bins=bins, low=low, high=high)
+
+
+def tabular_env(env_id: str, capture_video: bool, video_folder: str, name_prefix: str, trigger=None) -> gym.Env:
+    """One env, its observations as they are (a Discrete one indexes the table); with capture_video the episodes
+    `trigger` picks (default: gymnasium's schedule) are recorded."""
+    if capture_video:
+        env = gym.make(env_id, render_mode="rgb_array")
+        return gym.wrappers.RecordVideo(
+            env, video_folder, name_prefix=name_prefix, episode_trigger=trigger, disable_logger=True
+        )
+    return gym.make(env_id)
+
+
+def evaluate_tabular(
+    ckpt: dict,
+    episodes: int,
+    seed: int,
+    capture_video: bool = False,
+    video_folder: str | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+) -> np.ndarray:
+    """Returns of `episodes` episodes of a Q-table checkpoint's greedy policy argmax_a Q(s, a) (first maximum on
+    ties); `device` is not used. Episode k resets with seed + k; an env without a time limit is cut at
+    EVAL_STEP_LIMIT steps."""
+    env_spaces(ckpt["env_id"])  # one clear line if the env is not registered here
+    Q = ckpt["model"]["Q"].numpy()
+    phi = Discretizer.from_state_dict(ckpt["discretizer"])
+    env = tabular_env(ckpt["env_id"], capture_video, video_folder, "eval", trigger=lambda e: e == 0)
+    if env.spec is None or env.spec.max_episode_steps is None:
+        env = gym.wrappers.TimeLimit(env, EVAL_STEP_LIMIT)
+    return play_episodes(env, lambda s: int(np.argmax(Q[phi(s)])), episodes, seed, progress)
+
+
+def grid_shape(env: gym.Env) -> tuple[int, int] | None:
+    """(rows, cols) of a grid world, or None."""
+    u = env.unwrapped
+    if hasattr(u, "shape") and len(u.shape) == 2:
+        return tuple(u.shape)
+    if hasattr(u, "nrow") and hasattr(u, "ncol"):
+        return (u.nrow, u.ncol)
+    return None
+
+
+def policy_figure(Q: np.ndarray, env_id: str, shape: tuple[int, int], title: str):
+    """The greedy policy as arrows over V(s) = max_a Q(s, a) as a heat map."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # pictures into files, no screen
+    import matplotlib.pyplot as plt
+
+    arrows = next(v for k, v in GRID_ARROWS.items() if env_id.startswith(k))
+    rows, cols = shape
+    visited = ~np.all(Q == 0, axis=1)  # states never updated: terminal, a hole, the cliff, or unvisited
+    V = np.ma.masked_array(Q.max(1), ~visited).reshape(rows, cols)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * cols + 1.5), max(2.5, 0.6 * rows + 0.8)))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
+    im = ax.imshow(V, cmap=cmap)
+    fig.colorbar(im, ax=ax, label="V(s) = max_a Q(s, a)")
+    for s in np.flatnonzero(visited):
+        dx, dy = arrows[int(np.argmax(Q[s]))]
+        r, c = divmod(s, cols)
+        ax.arrow(
+            c - 0.25 * dx,
+            r + 0.25 * dy,
+            0.5 * dx,
+            -0.5 * dy,
+            head_width=0.18,
+            head_length=0.15,
+            length_includes_head=True,
+            color="white",
+        )
+    ax.set_xticks(range(cols))
+    ax.set_yticks(range(rows))
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def greedy_policy_picture(run: Run, Q: np.ndarray, global_step: int) -> None:
+    """Grid worlds (GRID_ARROWS): the policy_figure of Q written to greedy_policy.png in the run directory and logged
+    as charts/greedy_policy; other envs: nothing."""
+    env_id = run.args.env
+    shape = grid_shape(gym.make(env_id)) if any(env_id.startswith(k) for k in GRID_ARROWS) else None
+    if shape is not None:
+        fig = policy_figure(Q, env_id, shape, f"{run.algorithm} greedy policy, {env_id}, step {global_step}")
+        fig.savefig(run.path / "greedy_policy.png", dpi=100)
+        run.writer.add_figure("charts/greedy_policy", fig, global_step)
 
 
 # ----------------------------------------------------------------------------------------------

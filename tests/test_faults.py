@@ -203,8 +203,8 @@ def test_networks_too_big_for_memory_exit_2_writing_nothing(tmp):
 def test_a_64_dimensional_box_is_refused_not_wrapped_around():
     space = gym.spaces.Box(-1.0, 1.0, (64,))
     args = q_learning.Args(env="Foo-v0")
-    with pytest.raises(q_learning.UsageError, match="too many"):
-        q_learning.make_discretizer(args, space)  # 6^64 states: int64 arithmetic would wrap it to 0
+    with pytest.raises(plumbing.UsageError, match="too many"):
+        plumbing.make_discretizer(args, space)  # 6^64 states: int64 arithmetic would wrap it to 0
 
 
 def test_evaluate_refuses_bad_input_in_one_line(tmp):

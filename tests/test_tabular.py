@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import run_script, scalars, train
 
+import plumbing
 from benchmarks.cliff import BOOK_SETTINGS
 from cleanrl_style import q_learning, sarsa
 
@@ -52,7 +53,7 @@ def test_epsilon_schedule_and_greedy():
 
 
 def test_discretiser_bins():
-    phi = q_learning.Discretizer(bins=(3, 2), low=(-1.0, 0.0), high=(2.0, 1.0))
+    phi = plumbing.Discretizer(bins=(3, 2), low=(-1.0, 0.0), high=(2.0, 1.0))
     assert phi.n_states == 6
     # dimension 0: [-1, 0) -> 0, [0, 1) -> 1, [1, 2] -> 2; dimension 1: [0, .5) -> 0, [.5, 1] -> 1
     assert phi([-1.0, 0.0]) == 0
@@ -60,14 +61,14 @@ def test_discretiser_bins():
     assert phi([0.5, 0.2]) == 2
     assert phi([1.5, 0.9]) == 5
     assert phi([-100.0, -100.0]) == 0 and phi([100.0, 100.0]) == 5  # outside: the end bins
-    same = q_learning.Discretizer.from_state_dict(phi.state_dict())
+    same = plumbing.Discretizer.from_state_dict(phi.state_dict())
     assert same([0.5, 0.9]) == phi([0.5, 0.9]) == 3
-    assert q_learning.Discretizer(n_states=48)(17) == 17
+    assert plumbing.Discretizer(n_states=48)(17) == 17
 
 
 def test_default_cartpole_discretisation_covers_the_unbounded_dimensions():
     args = q_learning.Args(env="CartPole-v1")
-    phi = q_learning.make_discretizer(args, gym.make("CartPole-v1").observation_space)
+    phi = plumbing.make_discretizer(args, gym.make("CartPole-v1").observation_space)
     assert np.all(np.isfinite(phi.low)) and np.all(np.isfinite(phi.high))
     assert phi.n_states == int(np.prod(phi.bins))
 
