@@ -391,7 +391,7 @@ def main(args: Args, stop: plumbing.StopSignal | None = None) -> int:
     obs_dim, n_actions = int(np.prod(obs_space.shape)), int(act_space.n)
     sizes = f"--hidden-size {args.hidden_size}, --buffer-size {args.buffer_size}"
     q_network, target_network, rb = plumbing.build(
-        lambda: build(args, obs_dim, n_actions, device), sizes, built="the networks and buffer"
+        lambda: networks_and_buffer(args, obs_dim, n_actions, device), sizes, built="the networks and buffer"
     )
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate, fused=True)
     global_step, grad_steps, target_updates = 0, 0, 0
@@ -504,7 +504,7 @@ def resolve_args(args: Args) -> Args:
     return args
 
 
-def build(args: Args, obs_dim: int, n_actions: int, device: torch.device) -> tuple:
+def networks_and_buffer(args: Args, obs_dim: int, n_actions: int, device: torch.device) -> tuple:
     """Q(.; theta), its copy Q(.; theta^-) and the empty replay buffer."""
     q_network = QNetwork(obs_dim, n_actions, args.hidden_size, args.dueling).to(device)
     return q_network, copy.deepcopy(q_network), ReplayBuffer(args.buffer_size, obs_dim, args.prioritized)

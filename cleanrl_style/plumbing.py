@@ -517,7 +517,7 @@ def resume_args(args, algorithm: str):
     default cannot be told from an absent one and is taken from the checkpoint). An --exp-name not given is the
     script's file name (on resume: the saved one)."""
     if args.resume is None:
-        return with_exp_name(args), None
+        return with_exp_name(args, algorithm), None
     ckpt = load_checkpoint(args.resume, algorithm)
     default = type(args)()
     saved = {f.name: ckpt["args"].get(f.name, getattr(default, f.name)) for f in dataclasses.fields(args)}
@@ -536,14 +536,17 @@ def resume_args(args, algorithm: str):
         )
     kept = {k: getattr(args, k) for k in RESUME_FROM_COMMAND_LINE if k in saved}
     changed = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
-    return with_exp_name(dataclasses.replace(default, **{**saved, **kept, **changed})), ckpt
+    return with_exp_name(dataclasses.replace(default, **{**saved, **kept, **changed}), algorithm), ckpt
 
 
-def with_exp_name(args):
-    """args with --exp-name, when not given, set to the file name of the script that defines Args."""
+def with_exp_name(args, algorithm: str | None = None):
+    """args with --exp-name, when not given, set to the file name of the script that defines Args (or, for a script
+    loaded without a module entry, `algorithm`)."""
     if args.exp_name is not None:
         return args
-    return dataclasses.replace(args, exp_name=Path(sys.modules[type(args).__module__].__file__).stem)
+    module = type(args).__module__  # "__main__" when run as a file, "cleanrl_style.ppo" when imported
+    file = getattr(sys.modules.get(module), "__file__", None)
+    return dataclasses.replace(args, exp_name=Path(file).stem if file else algorithm or module.rsplit(".", 1)[-1])
 
 
 def snapshot(state):

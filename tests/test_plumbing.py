@@ -180,3 +180,29 @@ def test_a_fault_after_an_update_keeps_the_state_of_the_last_good_update(tmp):
     ckpt = torch.load(run.ckpt_path, weights_only=True)
     assert ckpt["global_step"] == 30 and torch.equal(ckpt["model"]["w"], torch.full((3,), 3.0))
     assert ckpt["format_version"] == plumbing.CHECKPOINT_FORMAT and ckpt["algorithm"] == "ppo"
+
+
+# ---- the small math several scripts hold by design (each where a reader needs it) stays one text ----
+
+SHARED_BY_DESIGN = {
+    "Agent": ["ppo", "a2c", "trpo", "reinforce"],
+    "mlp": ["ppo", "a2c", "trpo", "reinforce"],
+    "layer_init": ["ppo", "a2c", "trpo", "reinforce"],
+    "gae": ["ppo", "a2c", "trpo"],
+    "linear_schedule": ["q_learning", "sarsa", "dqn"],
+    "epsilon_greedy": ["q_learning", "sarsa"],
+    "td_update": ["q_learning", "sarsa"],
+}
+
+
+def definition(script: str, name: str) -> str:
+    source = (SCRIPTS / f"{script}.py").read_text()
+    node = next(n for n in ast.parse(source).body if getattr(n, "name", None) == name)
+    return ast.get_source_segment(source, node)
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_BY_DESIGN))
+def test_small_math_held_by_several_scripts_is_the_same_text_in_each(name):
+    first, *others = SHARED_BY_DESIGN[name]
+    for script in others:
+        assert definition(script, name) == definition(first, name), f"{name}: {script}.py differs from {first}.py"
