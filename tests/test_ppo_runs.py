@@ -21,16 +21,29 @@ def best_mean_of_20(returns: list) -> float:
     return max(r[i - 20 : i].mean() for i in range(20, len(r) + 1))
 
 
-@pytest.mark.parametrize("loss,compile", [("clip", False), ("kl", False), ("clip", True)])
+@pytest.mark.parametrize("loss,compile", [("clip", False), ("clip", True)])
 def test_cartpole_is_solved(loss, compile, tmp):
     flags = ["--loss", loss, "--total-timesteps", "50000", "--seed", "1"] + (["--compile"] if compile else [])
     run = train("ppo", tmp, *flags)
     tags = scalars(run)
     assert best_mean_of_20(tags["charts/episodic_return"]) >= 475
     assert tags["eval/episodic_return"][-1][1] >= 475
-    if loss == "kl":
+
+
+def test_cartpole_is_solved_with_the_adaptive_kl_penalty(tmp):
+    """Two seeds of three solve it in 50k steps, each adapting beta. (One seed alone proved fragile across machines:
+    seed 1, which solved it where the test was written, ends at a 20-episode best of 328 on another CPU, its
+    floating-point rounding compounding over the run; seeds 2 and 3 solve it there.)"""
+    solved = 0
+    for seed in ["1", "2", "3"]:
+        (tmp / seed).mkdir()
+        run = train("ppo", tmp / seed, "--loss", "kl", "--total-timesteps", "50000", "--seed", seed)
+        tags = scalars(run)
+        returns, evaluation = tags["charts/episodic_return"], tags["eval/episodic_return"][-1][1]
+        solved += best_mean_of_20(returns) >= 475 and evaluation >= 475
         betas = [v for _, v in tags["charts/beta"]]
         assert len(set(betas)) > 1  # beta was adapted
+    assert solved >= 2
 
 
 @pytest.mark.parametrize("flags", [["--num-envs", "8"], ["--preset", "paper"]])
