@@ -12,9 +12,14 @@ nothing is deleted but half-written runs with no checkpoint. A failed run is rep
 of its log, the sweep goes on, and `run` exits 1 naming every failed run. Ctrl-C or SIGTERM stops
 the sweep: no new run starts, the running scripts checkpoint and stop, `run` lists what finished and
 what did not, writes no report and exits 130; the same command goes on from there. A mistake in the
-arguments or the suite file, or a broken status file, is one `error:` line, exit 2, nothing written.
+arguments or the suite file (an algorithm, env or seed listed twice too), a broken status file, an --out
+that is a file or cannot be made, or an --out that another sweep (or the scripts of a killed one) still
+works in, is one `error:` line, exit 2, nothing written.
 `report` reads the event files under DIR and writes DIR/report.md, DIR/figures/*.png and
-DIR/curves.csv. Peers (the peers extra): sb3-ppo, sb3-a2c, sb3-dqn, sb3-trpo in --algos.
+DIR/curves.csv; a run that finished without a training episode is listed as such, a run whose event
+file was cut short is named (in the report and on stderr) and left out of the table's numbers, and a
+broken suite.json or status file is one `error:` line, exit 2. Peers (the peers extra): sb3-ppo,
+sb3-a2c, sb3-dqn, sb3-trpo in --algos.
 """
 
 import argparse
@@ -25,7 +30,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.report import report
-from benchmarks.sweep import INTERRUPTED, ROOT, SweepError, check_algos, load_suite, sweep
+from benchmarks.sweep import INTERRUPTED, ROOT, SweepError, check_algos, check_distinct, load_suite, sweep
 
 
 def main(argv=None) -> int:
@@ -59,6 +64,9 @@ def main(argv=None) -> int:
         return 0
     try:
         suite = load_suite(args.suite)
+        for flag in ("algos", "envs", "seeds"):
+            if getattr(args, flag) is not None:
+                check_distinct(getattr(args, flag), f"--{flag}")
         overrides = {
             "algos": args.algos,
             "envs": args.envs,

@@ -1,5 +1,6 @@
 """Read runs back from their TensorBoard event files."""
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,22 @@ def load_scalars(run_dir) -> dict:
             np.array([e.value for e in events]),
         )
     return out
+
+
+def truncated_at(path) -> "int | None":
+    """Where an event file stops holding whole records, if it ends inside one (cut short: a copy that stopped, a
+    full disk), else None. TensorBoard reads such a file up to the cut and says nothing. A record (TFRecord) is
+    its length (8 bytes, little-endian), that length's CRC (4), the data, the data's CRC (4)."""
+    data = Path(path).read_bytes()
+    at = 0
+    while at < len(data):
+        if at + 12 > len(data):
+            return at
+        (length,) = struct.unpack_from("<Q", data, at)
+        if at + 12 + length + 4 > len(data):
+            return at
+        at += 12 + length + 4
+    return None
 
 
 def first_crossing(values: np.ndarray, threshold: float, window: int) -> "int | None":

@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.machine import stamp  # noqa: E402
 from benchmarks.report import GRID, figure, fmt_ci, load_runs, on_grid, summarise  # noqa: E402
-from benchmarks.sweep import ROOT, SUITES, SweepError, load_suite, sweep  # noqa: E402
+from benchmarks.sweep import ROOT, SUITES, SweepError, check_distinct, load_suite, sweep  # noqa: E402
 
 ORDER = {"baselines": ["none", "mean", "value", "rloo", "group"]}
 
@@ -125,7 +125,7 @@ def compare(study: str, out: Path, command: str, args) -> Path:
             row += f" {np.mean(first):.3g} | {np.mean(median):.3g} | {np.mean(norm):.3g} | {np.mean(noise):.3g} |"
         lines.append(row)
     for f in failed_all:
-        lines.append(f"| {f['algo']} seed {f['seed']} | FAILED (exit {f['returncode']}) | | | | | |")
+        lines.append(f"| {f['algo']} seed {f['seed']} | {f['outcome']} | | | | | |")
     done = {k: v for k, v in by_variant.items() if v}
     if done:
         figure(env, done, out / "learning_curves.png", [])
@@ -156,13 +156,15 @@ def main(argv=None) -> int:
     command = "python -m benchmarks.pg_study " + " ".join(given)
     status = 0
     try:
+        if args.seeds:
+            check_distinct(args.seeds, "--seeds")
         if not args.report_only:
             for path in variant_files(args.study):
                 status = max(status, sweep(variant_suite(path, args), out / path.stem, args.workers))
                 if status == 130:  # interrupted: run no further variant; the same command resumes the study
                     return status
         print(f"report: {compare(args.study, out, command, args)}")
-    except SweepError as e:
+    except (SweepError, ValueError) as e:  # a broken status file of the report is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     return status

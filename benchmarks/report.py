@@ -5,9 +5,15 @@ common grid of env steps (and of whole-process seconds). Per algorithm and env: 
 with a 95% percentile-bootstrap band; in the table, the IQM over seeds (with a 95% bootstrap CI) of
 the mean of the last 100 training episodes and of the final deterministic evaluation, the env steps
 and seconds until the 20-episode mean first reaches the suite's threshold, and the steps per second.
+
+Not in the table's numbers, each on a line of its own: failed and unfinished runs; runs that finished
+without a training episode (a budget shorter than an episode of every env); runs whose event file ends
+inside a record (cut short: TensorBoard would read it up to the cut and say nothing), named in the
+report and on stderr. A broken suite.json or status file is a ValueError naming the file.
 """
 
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -16,37 +22,106 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.events import first_crossing, load_scalars  # noqa: E402
+from benchmarks.events import first_crossing, load_scalars, truncated_at  # noqa: E402
 from benchmarks.machine import stamp
 from benchmarks.stats import bootstrap_band, bootstrap_ci, iqm  # noqa: E402
-from benchmarks.sweep import Run, safe  # noqa: E402
+from benchmarks.sweep import SUITE_KEYS, Run, _is, safe  # noqa: E402
 
 WINDOW = 20  # episodes in the running mean of a curve, and by default in the threshold test
 FINAL = 100  # training episodes in the final-return figure
 GRID = 100  # points of the common grid
 
 
+def _times(status: dict) -> bool:
+    """When the run's attempts started (elapsed() needs them): a list of attempts, or the one start time."""
+    attempts = status.get("attempts")
+    if attempts:
+        return isinstance(attempts, list) and all(
+            isinstance(a, dict) and _is((int, float))(a.get("start_time")) for a in attempts
+        )
+    return _is((int, float))(status.get("start_time"))
+
+
+# what report() reads of a status file: (test, what it must be)
+STATUS_KEYS = {
+    "algo": (_is(str), "the algorithm's name"),
+    "env": (_is(str), "the env id"),
+    "seed": (_is(int), "an integer seed"),
+    "returncode": (lambda v: v is None or _is(int)(v), "an exit status or null"),
+    "log": (_is(str), "the path of the run's log"),
+}
+
+
+def read_status_file(path: Path) -> dict:
+    """A status file as report() needs it; ValueError naming the file and what is wrong with it."""
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: broken status file ({str(e).splitlines()[0]})") from None
+    if not isinstance(status, dict):
+        raise ValueError(f"{path}: broken status file (a JSON {type(status).__name__}, not a table)")
+    for key, (ok, want) in STATUS_KEYS.items():
+        if key not in status or not ok(status[key]):
+            raise ValueError(f"{path}: broken status file ('{key}' must be {want}, not {status.get(key)!r})")
+    if not _times(status):
+        raise ValueError(f"{path}: broken status file (no start time: 'attempts' or 'start_time')")
+    return status
+
+
+def read_suite_json(out: Path) -> dict:
+    """DIR/suite.json, the suite the sweep ran ({} if there is none); ValueError if it is not the table it wrote."""
+    path = out / "suite.json"
+    if not path.exists():
+        return {}
+    try:
+        suite = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({str(e).splitlines()[0]})") from None
+    if not isinstance(suite, dict):
+        raise ValueError(f"{path}: not a table of the suite's settings but a JSON {type(suite).__name__}")
+    if not isinstance(suite.get("name", ""), str):
+        raise ValueError(f"{path}: 'name' must be a string, not {suite['name']!r}")
+    for key in ("thresholds", "threshold_windows"):
+        _, ok, want = SUITE_KEYS[key]
+        if key in suite and not ok(suite[key]):
+            raise ValueError(f"{path}: '{key}' must be {want}, not {suite[key]!r}")
+    return suite
+
+
 def load_runs(out: Path) -> tuple[list, list]:
-    """(finished runs with their scalars, failed statuses) of a sweep directory; ValueError on a broken file."""
-    finished, failed = [], []
+    """(finished runs with their scalars, the runs left out of the table) of a sweep directory; ValueError on a
+    broken file. Each run left out has an "outcome" (what to print for it) and "failed" (whether it failed)."""
+    finished, left_out = [], []
     for path in sorted((out / "status").glob("*.json")):
-        try:
-            status = json.loads(path.read_text())
-            run_parent = out / "runs" / Run(status["algo"], status["env"], status["seed"]).key
-            returncode = status["returncode"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: broken status file ({type(e).__name__}: {e})") from None
+        status = read_status_file(path)
+        run_parent = out / "runs" / Run(status["algo"], status["env"], status["seed"]).key
+        returncode = status["returncode"]
+        if returncode is None:
+            left_out.append({**status, "outcome": "unfinished (no exit status)", "failed": True})
+            continue
+        if returncode != 0:
+            left_out.append({**status, "outcome": f"FAILED (exit {returncode})", "failed": True})
+            continue
         # the script's run directory: where its event files are (a namespaced env id may nest it one level deeper)
         run_dirs = sorted({p.parent for p in run_parent.rglob("events.out.tfevents.*")})
-        if returncode != 0 or not run_dirs:
-            failed.append({**status, "returncode": "unfinished" if returncode is None else returncode})
+        if not run_dirs:
+            left_out.append({**status, "outcome": "finished, but no event file", "failed": False})
+            continue
+        # TensorBoard reads the files in the order of their names (the time each attempt began)
+        files = sorted(run_dirs[-1].glob("events.out.tfevents.*"))
+        cut = [(f, at, f.stat().st_size, f == files[-1]) for f in files for at in [truncated_at(f)] if at is not None]
+        if cut and cut[-1][3]:  # the newest file is cut: the run's record stops early, its numbers are not the run's
+            left_out.append({**status, "outcome": "finished, event file truncated", "failed": False, "cut": cut})
             continue
         tags = load_scalars(run_dirs[-1])
         if "charts/episodic_return" not in tags:
-            failed.append({**status, "returncode": "no episodes logged"})
+            steps = max((int(v[0].max()) for v in tags.values() if len(v[0])), default=0)
+            outcome = f"finished, no training episode ended in {steps:,} env steps"
+            left_out.append({**status, "outcome": outcome, "failed": False, "cut": cut})
             continue
-        finished.append({**status, "run_dir": str(run_dirs[-1]), "tags": tags})
-    return finished, failed
+        # an earlier attempt's file cut short (a killed script) is followed by the attempt that resumed it: kept
+        finished.append({**status, "run_dir": str(run_dirs[-1]), "tags": tags, "cut": cut})
+    return finished, left_out
 
 
 def elapsed(run: dict, walls: np.ndarray) -> np.ndarray:
@@ -133,11 +208,12 @@ def figure(env: str, by_algo: dict, path: Path, csv_rows: list) -> None:
 
 def report(out: Path, command: str = "") -> Path:
     """Write out/report.md, out/figures/{env}.png and out/curves.csv; return the report's path."""
-    suite = json.loads((out / "suite.json").read_text()) if (out / "suite.json").exists() else {}
+    suite = read_suite_json(out)
     thresholds, windows = suite.get("thresholds", {}), suite.get("threshold_windows", {})
-    finished, failed = load_runs(out)
+    finished, left_out = load_runs(out)
+    failed = [f for f in left_out if f["failed"]]
     (out / "figures").mkdir(exist_ok=True)
-    envs = list(dict.fromkeys([r["env"] for r in finished] + [f["env"] for f in failed]))
+    envs = list(dict.fromkeys([r["env"] for r in finished] + [f["env"] for f in left_out]))
     lines = [f"# Benchmark report: {suite.get('name', out.name)}", ""]
     if command:
         lines.append(f"Command: `{command}`  ")
@@ -170,9 +246,9 @@ def report(out: Path, command: str = "") -> Path:
                 f"| {algo} | {s['n']} | {fmt_ci(s['final'])} | {fmt_ci(s['eval'])} | "
                 f"{len(s['steps_to'])}/{s['n']} | {steps} | {secs} | {sps} |"
             )
-        env_failed = [f for f in failed if f["env"] == env]
-        for f in env_failed:
-            lines.append(f"| {f['algo']} seed {f['seed']} | FAILED (exit {f['returncode']}) | | | | | | |")
+        for f in left_out:
+            if f["env"] == env:
+                lines.append(f"| {f['algo']} seed {f['seed']} | {f['outcome']} | | | | | | |")
         if by_algo:
             png = out / "figures" / f"{safe(env)}.png"
             figure(env, by_algo, png, csv_rows)
@@ -180,9 +256,22 @@ def report(out: Path, command: str = "") -> Path:
         lines.append("")
     if failed:
         lines += ["## Failed runs", ""]
-        lines += [
-            f"- {f['algo']} on {f['env']}, seed {f['seed']}: exit {f['returncode']}, log `{f['log']}`" for f in failed
-        ]
+        lines += [f"- {f['algo']} on {f['env']}, seed {f['seed']}: {f['outcome']}, log `{f['log']}`" for f in failed]
+        lines.append("")
+    cut = [(r, *c) for r in finished + left_out for c in r.get("cut", [])]
+    if cut:
+        lines += ["## Truncated event files", ""]
+        for r, file, at, size, newest in cut:
+            says = (
+                f"{r['algo']} on {r['env']}, seed {r['seed']}: `{file}` ends inside a record (whole records up to "
+                f"byte {at:,} of {size:,}): "
+            )
+            if newest:
+                says += "the run is left out of the table (its numbers would stop at the cut)"
+            else:
+                says += "an earlier attempt's file; the run went on from its checkpoint in a later one, kept"
+            lines.append(f"- {says}")
+            print(f"warning: truncated event file: {says}", file=sys.stderr)
         lines.append("")
     with open(out / "curves.csv", "w") as fh:
         fh.write("env,algo,seed,step,return_mean_last_20\n")

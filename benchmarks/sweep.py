@@ -29,10 +29,17 @@ running script, which writes its checkpoint and exits 130; the sweep waits for t
 finished and what did not, and exits 130. The same command again goes on where it stopped. With
 --backend ray the stop travels to the Ray workers through the file DIR/.stop.
 
-A suite file that is not what SUITE_KEYS says, an unknown algorithm or peer, or a broken status file
+A suite file that is not what SUITE_KEYS says, an algorithm, env or seed listed twice, an unknown
+algorithm or peer, a broken status file, an --out that is a file or cannot be made, or a DIR in use
 raise SweepError before anything is written (the command line makes it one `error:` line, exit 2).
+
+One sweep at a time in DIR: the harness holds a lock on DIR (flock on the directory itself, so no file
+is written) and hands it down to each script it starts. The OS releases it when the last of them ends,
+so after `kill -9` of the harness a second one refuses to start in DIR until the orphaned scripts have
+ended, instead of resuming their runs under them or clearing their live run directories.
 """
 
+import fcntl
 import json
 import os
 import shutil
@@ -95,6 +102,13 @@ SUITE_KEYS = {
 }
 
 
+def check_distinct(values: list, where: str) -> None:
+    """SweepError if a value is listed twice: the same run twice would run at once in one run directory."""
+    twice = [v for i, v in enumerate(values) if v in values[:i]]
+    if twice:
+        raise SweepError(f"{where} lists {twice[0]!r} twice: the same run would run twice at once in one directory")
+
+
 def load_suite(name: str) -> Suite:
     """A suite by name (benchmarks/suites/NAME.toml) or by the path of a .toml file; SweepError if it is wrong."""
     path = Path(name) if name.endswith(".toml") else SUITES / f"{name}.toml"
@@ -114,6 +128,8 @@ def load_suite(name: str) -> Suite:
     unknown = sorted(set(data) - set(SUITE_KEYS))
     if unknown:
         raise SweepError(f"{path}: unknown key '{unknown[0]}' (known: {', '.join(SUITE_KEYS)})")
+    for key in ("algos", "envs", "seeds"):
+        check_distinct(data[key], f"{path}: '{key}'")
     return Suite(name=path.stem, **{k: data[k] for k in SUITE_KEYS if k in data})
 
 
@@ -126,11 +142,23 @@ def peer_algos() -> tuple:
     return get_args(next(f.type for f in fields(Args) if f.name == "algo"))
 
 
+NOT_ALGORITHMS = ("plumbing", "evaluate")  # cleanrl_style/: the shared module and the evaluation entry point
+
+
+def algorithm_scripts() -> list:
+    """The algorithms of cleanrl_style/: its training scripts (not __init__.py, plumbing.py nor evaluate.py)."""
+    scripts = (ROOT / "cleanrl_style").glob("*.py")
+    return sorted(p.stem for p in scripts if not p.name.startswith("_") and p.stem not in NOT_ALGORITHMS)
+
+
 def check_algos(algos: list) -> None:
     """SweepError naming the algorithms that are neither a script of cleanrl_style/ nor a known peer sb3-{algo}."""
-    ours = [a for a in algos if not a.startswith("sb3-") and not (ROOT / "cleanrl_style" / f"{a}.py").is_file()]
+    scripts = algorithm_scripts()
+    ours = [a for a in algos if not a.startswith("sb3-") and a not in scripts]
     if ours:
-        raise SweepError(f"no script for {', '.join(ours)} in cleanrl_style/")
+        raise SweepError(
+            f"no algorithm script for {', '.join(ours)} in cleanrl_style/ (algorithms: {', '.join(scripts)})"
+        )
     peers = [a for a in algos if a.startswith("sb3-")]
     known = peer_algos() if peers else ()
     unknown = [a for a in peers if a[4:] not in known]
@@ -240,6 +268,37 @@ SIGNALLED: set = set()  # run keys whose script was sent SIGINT
 LOCK = threading.RLock()  # re-entrant: the signal handler may run while the main thread holds it
 
 
+HELD: dict = {}  # sweep directory -> the descriptor of DIR this process holds the lock on, passed to its scripts
+
+
+def lock(out: Path) -> int:
+    """Make DIR if need be and lock it for this sweep (see the module docstring); SweepError if it is a file, cannot
+    be made, or is locked by another sweep or by the scripts of one that was killed."""
+    if out.exists() and not out.is_dir():
+        raise SweepError(f"--out {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise SweepError(f"cannot make the sweep directory --out {out}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SweepError(
+            f"{out} is in use by another sweep (its harness, or the scripts of one that was killed, still run): "
+            "wait for them to end, or use another --out"
+        ) from None
+    HELD[out] = fd
+    return fd
+
+
+def unlock(out: Path) -> None:
+    fd = HELD.pop(out, None)
+    if fd is not None:
+        os.close(fd)
+
+
 def stop_requested(out: Path) -> bool:
     return STOP.is_set() or (out / ".stop").exists()
 
@@ -305,7 +364,9 @@ def execute(run: Run, suite: Suite, out: Path) -> "dict | None":
         mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             with open(log, "w") as f:
-                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+                # the lock on DIR goes with the script: DIR stays locked while it runs, even if this process dies
+                held = tuple(fd for fd in [HELD.get(out)] if fd is not None)  # none in a Ray worker
+                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, pass_fds=held)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         RUNNING[run.key] = proc
@@ -353,9 +414,21 @@ def sweep(suite: Suite, out: Path, workers: int, backend: str = "local", ray_add
     """Run what is not finished yet; print a progress line per run; return the exit status (0 all finished,
     1 some failed, 130 stopped by SIGINT or SIGTERM). SweepError, before anything is written, on a broken file."""
     out = out.resolve()  # the scripts run in the repository root
+    lock(out)
+    try:
+        return run_sweep(suite, out, workers, backend, ray_address)
+    finally:
+        unlock(out)
+
+
+def run_sweep(suite: Suite, out: Path, workers: int, backend: str, ray_address: "str | None") -> int:
+    """sweep() in the directory it holds the lock on."""
     runs, finished, superseded = plan(suite, out)
-    for sub in ("runs", "logs", "status"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    try:
+        for sub in ("runs", "logs", "status"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SweepError(f"cannot write in the sweep directory --out {out}: {e.strerror}") from None
     (out / ".stop").unlink(missing_ok=True)  # left by a Ray sweep whose driver was killed
     if superseded:
         aside = out / "superseded" / time.strftime("%Y%m%d-%H%M%S")
