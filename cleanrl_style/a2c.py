@@ -277,7 +277,7 @@ def main(args: Args, stop: plumbing.StopSignal | None = None) -> int:
         while run.training() and iteration < num_iterations:
             iteration += 1
             if args.anneal_lr:
-                optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1) / num_iterations) * args.learning_rate
+                optimizer.param_groups[0]["lr"] = run.learning_rate(global_step, num_iterations * batch_size)
 
             # ---- rollout with pi_theta ----
             pi = RolloutPolicy(agent, rng)  # pi_theta and V_phi in numpy, fast for one step of N envs
@@ -379,4 +379,4 @@ def evaluate(ckpt: dict, episodes: int, seed: int, *more, **kw) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    sys.exit(plumbing.cli(Args, main, __doc__))
+    sys.exit(plumbing.script_cli(Args, main, __doc__))

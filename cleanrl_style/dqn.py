@@ -299,7 +299,8 @@ class SumTree:
 
 def per_priority(delta: np.ndarray, per_eps: float, per_alpha: float) -> np.ndarray:
     """p_i = (|delta_i| + eps_p)^alpha_p, the leaf value of a transition after its TD error delta_i."""
-    return (np.abs(delta) + per_eps) ** per_alpha
+    with np.errstate(over="ignore", under="ignore"):  # inf or 0 out of float range: update_priorities stops on it
+        return (np.abs(delta) + per_eps) ** per_alpha
 
 
 def importance_weights(P: np.ndarray, n: int, per_beta: float) -> np.ndarray:
@@ -324,6 +325,8 @@ class ReplayBuffer:
         self.max_priority = 1.0
 
     def add(self, s, a, G, s_next, discount) -> None:
+        if not (np.isfinite(s).all() and np.isfinite(G).all() and np.isfinite(s_next).all()):  # kept out of the buffer
+            raise RunFault("the env returned a non-finite observation or reward")
         idx = (self.pos + np.arange(len(a))) % self.capacity
         self.obs[idx], self.actions[idx], self.G[idx], self.next_obs[idx], self.discount[idx] = (
             s, a, G, s_next, discount
@@ -346,6 +349,8 @@ class ReplayBuffer:
         return tuple(torch.as_tensor(x[idx], device=device) for x in arrays)
 
     def update_priorities(self, idx: np.ndarray, p: np.ndarray) -> None:
+        if not (np.isfinite(p) & (p > 0)).all():  # (|delta| + eps_p)^alpha_p beyond float64: 0 or inf
+            raise RunFault(f"a priority (|delta| + eps_p)^alpha_p out of float range ({p.min():.3g} to {p.max():.3g})")
         self.tree.update(idx, p)
         self.max_priority = max(self.max_priority, float(p.max()))
 
@@ -419,7 +424,7 @@ def main(args: Args, stop: plumbing.StopSignal | None = None) -> int:
             block_end = min(total, (global_step // LOG_EVERY + 1) * LOG_EVERY)
             losses, q_means = [], []
             if args.anneal_lr:
-                optimizer.param_groups[0]["lr"] = (1.0 - global_step / total) * args.learning_rate
+                optimizer.param_groups[0]["lr"] = run.learning_rate(global_step, total)
             while global_step < block_end:
                 # ---- act epsilon-greedily, step the envs, store the n-step transitions ----
                 epsilon = linear_schedule(global_step, total, args.epsilon_start, args.epsilon_end,
@@ -486,7 +491,10 @@ def resolve_args(args: Args) -> Args:
                 f"--total-timesteps {args.total_timesteps} is less than one vector step ({args.num_envs} steps)",
             ),
             (args.learning_rate > 0, "--learning-rate must be positive"),
-            (args.buffer_size >= 1 and args.batch_size >= 1, "--buffer-size and --batch-size must be at least 1"),
+            (
+                1 <= args.batch_size <= args.buffer_size,
+                f"--batch-size {args.batch_size} must lie in [1, --buffer-size {args.buffer_size}]",
+            ),
             (0.0 < args.tau <= 1.0, f"--tau must lie in (0, 1], got {args.tau}"),
             (args.target_network_frequency >= 1, "--target-network-frequency must be at least 1"),
             (args.learning_starts >= 0, "--learning-starts must be >= 0"),
@@ -534,4 +542,4 @@ def evaluate(
 
 
 if __name__ == "__main__":
-    sys.exit(plumbing.cli(Args, main, __doc__))
+    sys.exit(plumbing.script_cli(Args, main, __doc__))

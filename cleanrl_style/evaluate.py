@@ -30,7 +30,8 @@ class Args:
     episodes: int = 10
     """number of evaluation episodes"""
     seed: int | None = None
-    """episode k resets with seed + k (default: the training run's seed, as in its final evaluation)"""
+    """episode k resets with seed + 2^32 + k, apart from the seeds of training (default: the training run's seed, as in
+    its final evaluation)"""
     capture_video: bool = False
     """record the first episode as mp4 under --video-dir/eval_{run_name}"""
     video_dir: str = "videos"
@@ -39,13 +40,16 @@ class Args:
 
 
 def load_script(algorithm: str):
-    """Import cleanrl_style/{algorithm}.py as a module (importing a script trains nothing)."""
+    """Import cleanrl_style/{algorithm}.py as a module (importing a script trains nothing); a UsageError if no
+    training script has that name."""
     path = SCRIPTS / f"{algorithm}.py"
-    if not algorithm.isidentifier() or not path.is_file():
-        raise ValueError(f"the checkpoint names algorithm '{algorithm}', which has no script in {SCRIPTS}")
+    if not algorithm.isidentifier() or algorithm.startswith("_") or not path.is_file():
+        raise plumbing.UsageError(f"the checkpoint names algorithm '{algorithm}', which has no script in {SCRIPTS}")
     spec = importlib.util.spec_from_file_location(f"cleanrl_style_{algorithm}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if getattr(module, "ALGORITHM", None) != algorithm or not callable(getattr(module, "evaluate", None)):
+        raise plumbing.UsageError(f"the checkpoint names algorithm '{algorithm}', which is not a training script")
     return module
 
 
@@ -56,18 +60,23 @@ def main(args: Args) -> int:
         return fail(f"--seed must lie in [0, 2^32 - 1], got {args.seed}")
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         return fail(f"--device {args.device}: use cpu, or cuda where CUDA is available")
-    try:
-        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or not {"algorithm", "env_id", "args", "global_step"} <= ckpt.keys():
-            raise ValueError("a file without the keys of a checkpoint")
+    video_name = f"eval_{Path(args.checkpoint).resolve().parent.name}"
+    why = plumbing.unwritable_reason(args.video_dir, video_name) if args.capture_video else None
+    if why is not None:
+        return fail(f"--video-dir '{args.video_dir}' is not writable: {why}")
+    try:  # the checkpoint's header, its algorithm's script, and its entries loaded into that script's agent
+        ckpt = plumbing.load_checkpoint(args.checkpoint)
         script = load_script(ckpt["algorithm"])
-    except OSError as e:  # missing, unreadable
-        return fail(f"cannot evaluate '{args.checkpoint}': {e}")
-    except Exception as e:  # empty, truncated, text or random bytes, another project's file
-        return fail(f"'{args.checkpoint}' is not a checkpoint written by these scripts ({type(e).__name__})")
+        seed = ckpt["args"].get("seed") if args.seed is None else args.seed
+        if not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise plumbing.UsageError(f"'{args.checkpoint}' holds no seed in [0, 2^32 - 1]; give --seed")
+        with plumbing.checkpoint_fits(ckpt, f"the {ckpt['algorithm']} script's agent"):
+            script.evaluate(ckpt, 0, seed, False, None, args.device, False)  # builds and loads, plays no episode
+    except plumbing.UsageError as e:
+        return fail(str(e))
     plumbing.headless_rendering()
-    seed = ckpt["args"]["seed"] if args.seed is None else args.seed
-    video_folder = str(Path(args.video_dir) / f"eval_{Path(args.checkpoint).resolve().parent.name}")
+    video_folder = str(Path(args.video_dir) / video_name)
+    seed = plumbing.evaluation_seed(seed)  # episode k resets with seed + 2^32 + k, as in the run's final evaluation
     try:
         progress = sys.stderr.isatty()  # a bar over the episodes on a terminal
         returns = script.evaluate(ckpt, args.episodes, seed, args.capture_video, video_folder, args.device, progress)
@@ -86,7 +95,7 @@ def main(args: Args) -> int:
 
 
 def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {plumbing.one_line(message)}", file=sys.stderr)
     return 2
 
 

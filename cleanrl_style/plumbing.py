@@ -34,6 +34,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import threading
 import time
 import typing
@@ -52,7 +53,8 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 1  # the format_version a checkpoint is written with
+CHECKPOINT_FORMATS_READ = tuple(range(1, CHECKPOINT_FORMAT + 1))  # the versions this code reads
 RECENT_EPISODES = 20  # the progress bar shows the mean return of this many recent training episodes
 # Flags a resumed run takes from the command line, and flags it may change (a longer run, another evaluation);
 # every other flag must agree with the checkpoint's saved value.
@@ -79,11 +81,41 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def one_line(text: str) -> str:
+    """`text` with its line breaks and runs of white space as single spaces: an error message stays one line even
+    when it holds a printed numpy array (a Box space's bounds)."""
+    return " ".join(str(text).split())
+
+
 def require(checks: list[tuple[bool, str]]) -> None:
     """Raise a UsageError with the message of the first check that fails: [(ok, message), ...]."""
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+
+
+ENV_BYTES = 2_000  # memory of one env with its wrappers, a lower bound (a CartPole-v1 takes ~3.7 kB, MuJoCo's more)
+STEP_BYTES = 32  # memory of one env step in a rollout, a lower bound (8 float32: s, a, r, V, log pi, flags, A_hat)
+
+
+def check_numbers(args) -> None:
+    """Every float flag (and each value of a tuple of floats) finite: none of them means anything at nan or +-inf.
+    --num-envs (times --num-steps where the script has it) small enough for the memory of this machine: the envs
+    and the rollout's storage, counted at ENV_BYTES and STEP_BYTES, lower bounds, so a run that fits is never
+    refused."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if not all(math.isfinite(v) for v in values if isinstance(v, float)):
+            raise UsageError(f"--{field.name.replace('_', '-')} must be a finite number, got {value}")
+    num_envs, num_steps = getattr(args, "num_envs", None) or 1, getattr(args, "num_steps", None) or 1
+    needed = num_envs * (ENV_BYTES + STEP_BYTES * num_steps)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory:
+        raise UsageError(
+            f"--num-envs {num_envs} would need at least {needed / 2**30:,.0f} GiB for its envs and rollout, more than"
+            f" this machine's {memory / 2**30:,.0f} GiB"
+        )
 
 
 @dataclass
@@ -120,16 +152,48 @@ class RunArgs:
     """show a progress bar on a terminal"""
 
 
-def writable_dir(path: str) -> bool:
-    """True if `path` is a directory this process can write in, or one it can create."""
+def writable_dir(path: str, name: str | None = None) -> bool:
+    """True if `path` is a directory this process can write in, or one it can create (with a folder `name` in it)."""
+    return unwritable_reason(path, name) is None
+
+
+def unwritable_reason(path: str, name: str | None = None) -> str | None:
+    """Why the folder `path` (and the folder `name` inside it) cannot be made and written, or None if it can: the
+    nearest existing folder above it takes a test write (a permission bit says little to root, and nothing of /proc
+    or a read-only file system), and every name still to be made fits the file system's length limit. The test write
+    leaves nothing behind."""
     p = Path(path).absolute()
-    while not p.exists():
+    missing = [name] if name else []
+    while not os.path.lexists(p):  # (a name too long to look up counts as missing: its length is checked below)
+        missing.insert(0, p.name)
         p = p.parent
-    return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
+    if not p.is_dir():
+        return f"'{p}' is not a directory"
+    try:
+        name_max, path_max = os.pathconf(p, "PC_NAME_MAX"), os.pathconf(p, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    for part in missing:
+        if len(os.fsencode(part)) > name_max:
+            return f"the folder name '{part[:40]}...' is {len(os.fsencode(part))} bytes, over the limit of {name_max}"
+    if len(os.fsencode(str(p.joinpath(*missing)))) >= path_max:
+        return f"the path would be longer than the limit of {path_max} bytes"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=p))
+    except OSError as e:
+        return f"a test write in '{p}' failed: {e.strerror or first_line(e)}"
+    return None
+
+
+def run_name(args, t_start: float) -> str:
+    """The name of a new run's directory (and of its video folder): {env}__{exp_name}__{seed}__{unix_time}, as
+    start_run makes it."""
+    return f"{args.env.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(t_start)}"
 
 
 def check_common_args(args) -> None:
     """The flags every script has: a seed numpy accepts, a name that is not a path, directories that can be written."""
+    check_numbers(args)  # finite float flags, envs that fit in memory
     require(
         [
             (0 <= args.seed < 2**32, f"--seed must lie in [0, 2^32 - 1], got {args.seed}"),
@@ -141,13 +205,14 @@ def check_common_args(args) -> None:
             (args.eval_episodes >= 0, "--eval-episodes must be >= 0"),
             (args.checkpoint_every >= 0, "--checkpoint-every must be >= 0"),
             (args.device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but CUDA is not available"),
-            (
-                args.resume is not None or writable_dir(args.run_dir),
-                f"--run-dir '{args.run_dir}' is not a writable directory",
-            ),
-            (not args.capture_video or writable_dir(args.video_dir), f"--video-dir '{args.video_dir}' is not writable"),
         ]
     )
+    # the folders a run will make: runs/{run_name} (a resumed run's own exists) and videos/{run_name}/{train,eval}
+    name = Path(args.resume).parent.name if args.resume is not None else run_name(args, time.time())
+    why = None if args.resume is not None else unwritable_reason(args.run_dir, name)
+    require([(why is None, f"--run-dir '{args.run_dir}' is not a writable directory: {why}")])
+    why = unwritable_reason(args.video_dir, name) if args.capture_video else None
+    require([(why is None, f"--video-dir '{args.video_dir}' is not writable: {why}")])
 
 
 def fill_defaults(args, defaults: dict):
@@ -157,9 +222,11 @@ def fill_defaults(args, defaults: dict):
 
 def announce(args, ckpt: dict | None, head: str, keys, given=(), preset=(), tail: str = "") -> None:
     """The settings line a run starts with: `head`, then each of `keys` with its value, marked (flag), (preset) or,
-    on a resumed run, (saved) where it does not come from the defaults, then `tail`."""
+    on a resumed run, (saved), except a flag a resumed run may change (--total-timesteps) given again: (flag); then
+    `tail`."""
     marks = dict.fromkeys(preset or (), " (preset)") | dict.fromkeys(given, " (flag)")
-    marks = dict.fromkeys(keys, " (saved)") if ckpt is not None else marks
+    if ckpt is not None:
+        marks = dict.fromkeys(keys, " (saved)") | dict.fromkeys(set(given) & set(RESUME_MAY_CHANGE), " (flag)")
     print(head + ", ".join(f"{k}={getattr(args, k)}{marks.get(k, '')}" for k in keys) + tail)
 
 
@@ -190,10 +257,16 @@ def env_spaces(env_id: str, algorithm: str | None = None, obs=None, act=None) ->
 
 def restore(ckpt: dict, **parts) -> None:
     """Load each of `parts` (name=object with load_state_dict, or None to skip) from the checkpoint's entry of that
-    name: restore(ckpt, model=agent, optimizer=optimizer, obs_rms=obs_rms)."""
+    name: restore(ckpt, model=agent, optimizer=optimizer, obs_rms=obs_rms). An entry missing or one that does not fit
+    its part (names, shapes) is a UsageError."""
     for name, part in parts.items():
-        if part is not None:
-            part.load_state_dict(ckpt[name])
+        if part is None:
+            continue
+        with checkpoint_fits(ckpt, f"the {name} built from its args"):
+            entry = ckpt[name]
+            if isinstance(part, RunningMeanStd) and tuple(entry["mean"].shape) != part.mean.shape:
+                raise ValueError(f"statistics of shape {tuple(entry['mean'].shape)}, observations of {part.mean.shape}")
+            part.load_state_dict(entry)
 
 
 def make_env(env_id: str, idx: int, capture_video: bool, video_folder: str):
@@ -487,16 +560,57 @@ def all_finite(module: nn.Module) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def load_checkpoint(path: str, algorithm: str) -> dict:
+class Checkpoint(dict):
+    """A loaded checkpoint: a dict whose missing entry (a key renamed, or a checkpoint of another version) is a
+    UsageError that names it, where a plain dict would raise a KeyError with a traceback."""
+
+    def __init__(self, ckpt: dict, path: str):
+        super().__init__(ckpt)
+        self.path = path
+
+    def __missing__(self, key):
+        raise UsageError(f"checkpoint '{self.path}' has no '{key}' entry, which {self.get('algorithm')} needs")
+
+
+def load_checkpoint(path: str, algorithm: str | None = None) -> Checkpoint:
+    """The checkpoint at `path`, read with weights_only, after checking what every checkpoint holds: a format version
+    this code reads, the algorithm (`algorithm`, when given), the env id, the args and the global step. Anything else
+    is a UsageError: an unreadable file, another file, another algorithm's or another version's checkpoint."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:  # missing, unreadable
         raise UsageError(f"cannot load checkpoint '{path}': {first_line(e)}") from None
     except Exception as e:  # empty, truncated, text or random bytes, or more than tensors and plain data
         raise UsageError(f"'{path}' is not a checkpoint written by these scripts ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("algorithm") != algorithm or not isinstance(ckpt.get("args"), dict):
-        raise UsageError(f"'{path}' is not a {algorithm} checkpoint")
+    header = {"format_version": int, "algorithm": str, "env_id": str, "args": dict, "global_step": int}
+    if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), t) for k, t in header.items()):
+        raise UsageError(f"'{path}' is not a checkpoint written by these scripts (no {', '.join(header)})")
+    version = ckpt["format_version"]
+    if version not in CHECKPOINT_FORMATS_READ:
+        reads = ", ".join(str(v) for v in CHECKPOINT_FORMATS_READ)
+        raise UsageError(f"'{path}' has checkpoint format version {version}; this code reads version {reads}")
+    if algorithm is not None and ckpt["algorithm"] != algorithm:
+        raise UsageError(f"'{path}' is a {ckpt['algorithm']} checkpoint, not a {algorithm} one")
+    ckpt = Checkpoint(ckpt, path)
+    if "discretizer" in ckpt:  # a Q-table: one row per state of its discretizer
+        with checkpoint_fits(ckpt, "its discretizer"):
+            Q, phi = ckpt["model"]["Q"], Discretizer.from_state_dict(ckpt["discretizer"])
+            if Q.ndim != 2 or Q.shape[0] != phi.n_states:
+                raise ValueError(f"a Q-table of shape {tuple(Q.shape)} for {phi.n_states} states")
     return ckpt
+
+
+@contextmanager
+def checkpoint_fits(ckpt: dict, what: str):
+    """Around loading a checkpoint's entries into the objects built from its args: an entry missing, or one that does
+    not fit them (a renamed tensor, a shape that disagrees with --hidden-size), is a UsageError that says so."""
+    try:
+        yield
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
+        lines = str(e).strip().splitlines() or [type(e).__name__]  # load_state_dict: a head, then one line a tensor
+        detail = one_line(" ".join(lines[:2]))[:300] + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")
+        where = getattr(ckpt, "path", None) or "the checkpoint"
+        raise UsageError(f"'{where}' does not fit {what}: {type(e).__name__}: {detail}") from None
 
 
 def save_checkpoint(path: Path, ckpt: dict) -> None:
@@ -573,6 +687,26 @@ def checkpoint_due(args, global_step: int, saved_step: int) -> bool:
     return args.save_model and every > 0 and global_step // every > saved_step // every
 
 
+def annealed_lr(lr: float, step: int, total: int, start: int = 0) -> float:
+    """The learning rate at global step `step` of a linear annealing from `lr` at step `start` to 0 at step `total`:
+    lr (1 - (step - start) / (total - start)), never below 0. A run anneals from step 0; one extended by --resume
+    with a larger --total-timesteps starts a new annealing where it resumes (anneal_start): back to `lr` there, down
+    to 0 at the new total."""
+    if total <= start:
+        return 0.0
+    return max(1.0 - (step - start) / (total - start), 0.0) * lr
+
+
+def anneal_start(args, ckpt: dict | None) -> int:
+    """The global step where the run's learning-rate annealing began: 0 for a new run; for a resumed one, the saved
+    run's (its checkpoint's anneal_start, 0 when absent), or the step it resumes from when --total-timesteps changed."""
+    if ckpt is None:
+        return 0
+    if args.total_timesteps != ckpt["args"].get("total_timesteps"):
+        return ckpt["global_step"]
+    return ckpt.get("anneal_start", 0)
+
+
 # ----------------------------------------------------------------------------------------------
 # The run: directory, TensorBoard, signals, progress, the last good state, the end
 # ----------------------------------------------------------------------------------------------
@@ -609,7 +743,8 @@ def start_run(args, ckpt: dict | None, t_start: float) -> tuple[Path, SummaryWri
 class StopSignal:
     """SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) ask the training loop to stop at the end of the
     current update, which checkpoints and exits 130. Once `immediate` is set (the final evaluation), they interrupt
-    at once with KeyboardInterrupt. Installed only in the main thread; `restore` puts the old handlers back."""
+    at once with KeyboardInterrupt. Installed only in the main thread; `restore` puts the old handlers back, `ignore`
+    (a script's own process, once the run is over) ignores the signals until the process has exited."""
 
     def __init__(self, install: bool = True):
         self.requested = threading.Event()
@@ -627,6 +762,13 @@ class StopSignal:
     def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        self.previous = {}
+
+    def ignore(self) -> None:
+        """SIG_IGN from now on (kept through the interpreter's shutdown, where a Python handler is not): a signal
+        after the run is over can no longer turn its exit status into -2 or -15, or into a traceback."""
+        for sig in self.previous:
+            signal.signal(sig, signal.SIG_IGN)
         self.previous = {}
 
 
@@ -685,6 +827,11 @@ class Run:
         self.monitor, self.last_good, self.status = None, None, 0
         self.ep_return = self.ep_length = None
         self.live, self.saved_step = live, None  # live: the step of the last checkpoint written (or of the start)
+        self.anneal_start = anneal_start(args, ckpt)  # where the learning rate's annealing began (learning_rate)
+        # the checkpoint file: the global step it holds (None: none written yet, or one this run did not write), and
+        # whether a write of it failed (the file is then left as it was, and the end does not try again)
+        resumed_here = ckpt is not None and Path(args.resume).resolve() == self.ckpt_path.resolve()
+        self.written_step, self.write_failed = ckpt["global_step"] if resumed_here else None, False
 
     def video_folder(self, kind: str) -> str:
         """videos/{run_name}/{kind}: where --capture-video writes the training ("train") or evaluation videos."""
@@ -704,6 +851,8 @@ class Run:
         """The whole state of the run, copied (so that it stays the state of this moment)."""
         args = self.args
         header = {"format_version": CHECKPOINT_FORMAT, "algorithm": self.algorithm, "env_id": args.env}
+        if self.anneal_start:  # a run extended by --resume --total-timesteps: where its annealing began
+            header["anneal_start"] = self.anneal_start
         return snapshot({**header, "args": dataclasses.asdict(args), **self.state()})
 
     def training(self) -> bool:
@@ -735,13 +884,32 @@ class Run:
             return
         previous_step, self.last_good = self.last_good["global_step"], self.full_state()
         if checkpoint_due(self.args, global_step, previous_step):
-            save_checkpoint(self.ckpt_path, self.to_checkpoint(self.last_good))
+            self.write_checkpoint(self.last_good)
 
     def step_done(self, global_step: int) -> None:
         """live: after each step, write the checkpoint of the state now when --checkpoint-every says so."""
         if checkpoint_due(self.args, global_step, self.saved_step):
-            save_checkpoint(self.ckpt_path, self.to_checkpoint(self.full_state()))
+            self.write_checkpoint(self.full_state())
             self.saved_step = global_step
+
+    def write_checkpoint(self, state: dict) -> None:
+        """A periodic checkpoint of `state`. A write that fails (a full disk) leaves the file as it was and stops the
+        run with a RunFault that names the step the file keeps; the end then does not write again."""
+        try:
+            save_checkpoint(self.ckpt_path, self.to_checkpoint(state))
+        except RunFault as e:
+            self.write_failed = True
+            if self.written_step is not None:
+                kept = f"the checkpoint keeps global step {self.written_step}"
+            else:
+                kept = "the checkpoint is left as it was" if self.ckpt_path.exists() else "no checkpoint is written"
+            raise RunFault(f"{e}; stopping: {kept}") from None
+        self.written_step = state["global_step"]
+
+    def learning_rate(self, step: int, total: int) -> float:
+        """--learning-rate annealed linearly to 0 at `total` steps, from the step its annealing began (annealed_lr);
+        the scripts set it before each update with --anneal-lr."""
+        return annealed_lr(self.args.learning_rate, step, total, self.anneal_start)
 
     @contextmanager
     def fault_guard(self):
@@ -754,27 +922,54 @@ class Run:
                 self.monitor.close()
             step = self.last_good["global_step"] if self.last_good else "?"
             where = "" if self.live else f" (global step {step})"  # live: the state of the step the fault names
-            print(f"error: {e}; stopping with the last good state{where}", file=sys.stderr)
+            if self.write_failed:  # the message names the step the checkpoint keeps
+                print(f"error: {e}", file=sys.stderr)
+            else:
+                print(f"error: {e}; stopping with the last good state{where}", file=sys.stderr)
             self.status = 1
 
     def end(self, *envs) -> int:
         """Close the envs, write the checkpoint of the last good state, evaluate the deterministic policy unless the
-        run was stopped, and return the exit status (0 done, 1 a fault, 130 interrupted)."""
+        run was stopped, and return the exit status (0 done, 1 a fault, 130 interrupted). A resumed run that had
+        nothing left to train (its --total-timesteps reached) says so and returns 0, writing and logging nothing."""
         if self.monitor is not None:
             self.monitor.close()
         for env in envs:
             env.close()
+        if self.nothing_trained_on_resume():
+            step = self.state()["global_step"]
+            print(
+                f"already finished: global step {step} of --total-timesteps {self.args.total_timesteps}, nothing to "
+                "train (a larger --total-timesteps extends the run; evaluate.py evaluates it again)"
+            )
+            self.writer.close()
+            return 0
         last_good = self.to_checkpoint(self.full_state() if self.live else (self.last_good or self.full_state()))
-        status = end_run(self.args, last_good, self.ckpt_path, self.writer, self.status, self.stop, self.evaluate)
+        args, write = self.args, not self.write_failed  # after a failed periodic write the file stays as it was
+        status = end_run(args, last_good, self.ckpt_path, self.writer, self.status, self.stop, self.evaluate, write)
         self.writer.close()
         print(f"done in {time.time() - self.t_start:.1f} s: {last_good['global_step']} steps, run in {self.path}")
         return status
 
+    def nothing_trained_on_resume(self) -> bool:
+        """True for a resumed run whose loop ended without an update (neither stopped nor a fault): it was finished."""
+        return (
+            self.args.resume is not None
+            and self.status == 0
+            and not self.stop.requested.is_set()
+            and self.monitor is not None
+            and self.state()["global_step"] == self.monitor.start_step
+        )
 
-def end_run(args, ckpt: dict, ckpt_path: Path, writer: SummaryWriter, status: int, stop: StopSignal, evaluate) -> int:
-    """The ending of every run: write the checkpoint `ckpt` (the last good state); if training was not stopped,
-    evaluate the deterministic policy (eval/episodic_return). Returns the exit status: 0, 1 (a fault), 130."""
-    if args.save_model:
+
+def end_run(
+    args, ckpt: dict, ckpt_path: Path, writer: SummaryWriter, status: int, stop: StopSignal, evaluate, write=True
+) -> int:
+    """The ending of every run: write the checkpoint `ckpt` (the last good state; not with write=False, after a
+    periodic write failed); if training was not stopped, evaluate the deterministic policy (eval/episodic_return) on
+    episodes seeded by evaluation_seed. Once evaluated, a signal no longer changes the outcome. Returns the exit
+    status: 0, 1 (a fault), 130."""
+    if args.save_model and write:
         try:
             save_checkpoint(ckpt_path, ckpt)
             print(f"checkpoint: {ckpt_path} (global step {ckpt['global_step']})")
@@ -790,10 +985,13 @@ def end_run(args, ckpt: dict, ckpt_path: Path, writer: SummaryWriter, status: in
         try:
             video_folder = str(Path(args.video_dir) / ckpt_path.parent.name / "eval")
             device = pick_device(args.device)
+            seed = evaluation_seed(args.seed)
             returns = evaluate(
-                ckpt, args.eval_episodes, args.seed, args.capture_video, video_folder, device, show_progress(args)
+                ckpt, args.eval_episodes, seed, args.capture_video, video_folder, device, show_progress(args)
             )
+            stop.immediate = False  # evaluated: from here a signal only sets stop.requested, the status stands
         except KeyboardInterrupt:
+            stop.immediate = False
             print("interrupted during the final evaluation (the checkpoint is written)", file=sys.stderr)
             return 130
         writer.add_scalar("eval/episodic_return", returns.mean(), ckpt["global_step"])
@@ -819,9 +1017,21 @@ def eval_env(env_id: str, capture_video: bool, video_folder: str | None) -> gym.
     return gym.wrappers.FlattenObservation(env)
 
 
+EVAL_SEED_OFFSET = 2**32
+
+
+def evaluation_seed(seed: int) -> int:
+    """The `seed` the evaluation of a run of --seed `seed` passes to play_episodes: seed + 2^32, so that evaluation
+    episode k resets with seed + 2^32 + k, apart from every seed training resets with (seed + global step + i,
+    below seed + 2^32 for a run of fewer than 2^32 steps): evaluation starts from states that training's resets did
+    not. The final evaluation and evaluate.py use it."""
+    return seed + EVAL_SEED_OFFSET
+
+
 def play_episodes(env: gym.Env, act: Callable, episodes: int, seed: int, progress: bool = False) -> np.ndarray:
-    """Returns of `episodes` episodes of the policy `act(s) -> a`; episode k resets with seed + k. With `progress`,
-    a bar counts the episodes (and their steps, since an episode with a video can take minutes). Closes `env`."""
+    """Returns of `episodes` episodes of the policy `act(s) -> a`; episode k resets with seed + k (a run's evaluation
+    passes evaluation_seed(--seed), a range training never resets with). With `progress`, a bar counts the episodes
+    (and their steps, since an episode with a video can take minutes). Closes `env`."""
     recording = any(isinstance(w, gym.wrappers.RecordVideo) for w in _wrappers(env))
     desc = "evaluating" + (" (recording the first episode)" if recording else "")
     bar = tqdm(total=episodes, desc=desc, unit="episode", disable=not progress)
@@ -980,8 +1190,8 @@ def make_discretizer(args, obs_space: gym.Space) -> Discretizer:
     bins = tuple(bins) * dim if len(bins) == 1 else tuple(bins)
     if len(bins) != dim or len(low) != dim or len(high) != dim:
         raise UsageError(f"--bins, --obs-low and --obs-high need 1 or {dim} values for {args.env}")
-    if min(bins) < 1 or any(h <= l for l, h in zip(low, high)):
-        raise UsageError("--bins must be >= 1 and --obs-high above --obs-low in every dimension")
+    if min(bins) < 1 or not all(l < h and math.isfinite(h - l) for l, h in zip(low, high)):  # nan, inf: refused
+        raise UsageError("--bins must be >= 1 and --obs-high above --obs-low, both finite, in every dimension")
     n_states = math.prod(int(b) for b in bins)  # Python integers: 6^64 does not wrap around as int64 would
     if n_states > 10_000_000:
         raise UsageError(f"{n_states:,} states: too many for a table; use fewer --bins")
@@ -1081,24 +1291,31 @@ def greedy_policy_picture(run: Run, Q: np.ndarray, global_step: int) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def cli(Args: type, main: Callable, doc: str, argv: list[str] | None = None) -> int:
+def cli(Args: type, main: Callable, doc: str, argv: list[str] | None = None, ignore_signals_after=False) -> int:
     """The command line of a script: parse the flags, train, and turn bad input into one line on stderr with exit
-    status 2. A whole number written as a float (--total-timesteps 1e5) is read as the number."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        argv = whole_numbers(Args, argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    args = tyro.cli(one_default_in_help(Args), args=argv, description=doc.split("\n\n")[0])
+    status 2. A whole number written as a float (--total-timesteps 1e5) is read as the number. Ctrl-C and SIGTERM
+    ask the run to stop from the start of cli (a StopSignal); at its end the previous handlers are put back, or with
+    `ignore_signals_after` (script_cli) the signals are ignored."""
     stop = StopSignal()
     try:
+        argv = whole_numbers(Args, sys.argv[1:] if argv is None else list(argv))
+        args = tyro.cli(one_default_in_help(Args), args=argv, description=doc.split("\n\n")[0])
         return main(args, stop)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     finally:
-        stop.restore()
+        if ignore_signals_after:
+            stop.ignore()
+        else:
+            stop.restore()
+
+
+def script_cli(Args: type, main: Callable, doc: str) -> int:
+    """cli for a script run as a program (its `if __name__ == "__main__":`): once the run is over, Ctrl-C and SIGTERM
+    are ignored until the process has exited, so that a finished run exits with its own status, never -2 or -15 or
+    a traceback. (A signal during the imports, before this is called, still interrupts as Python does by default.)"""
+    return cli(Args, main, doc, ignore_signals_after=True)
 
 
 def whole_numbers(Args: type, argv: list[str]) -> list[str]:

@@ -195,7 +195,8 @@ class EpisodeSampler:
     """K whole episodes with pi_theta, K / N from each of N separate envs: an env whose share is done waits (with a
     vector env's autoreset, a batch of the first K episodes to end would hold too many short ones). An episode is
     a dict of its (normalised) observations s_t, actions a_t, values V(s_t), (scaled) rewards r_t, its returns G_t
-    and its raw return, which `log(return, length, global_step)` receives as it ends."""
+    and its raw return, which `log(return, length, global_step)` receives as it ends. The observation statistics
+    count each observation the policy sees (the first of each episode, not the true final one), as ppo's do."""
 
     def __init__(self, envs: list, args: Args, act_space: gym.Space, obs_rms, ret_rms, global_step: int):
         self.envs, self.args, self.act_space, self.obs_rms = envs, args, act_space, obs_rms
@@ -211,13 +212,14 @@ class EpisodeSampler:
     def new_episode() -> dict:
         return {"obs": [], "actions": [], "rewards": [], "values": [], "raw": 0.0}
 
-    def collect(self, pi: RolloutPolicy, K: int, global_step: int, log: Callable) -> tuple[list, int]:
-        """The batch's K episodes, in the order they ended, and the global step after them."""
+    def collect(self, pi: RolloutPolicy, K: int, global_step: int, log: Callable, stopped: Callable) -> tuple:
+        """The batch's K episodes, in the order they ended, and the global step after them; fewer than K when
+        stopped() (Ctrl-C, SIGTERM) turns true first, which is checked every step (an episode may never end)."""
         N, args, obs_rms = len(self.envs), self.args, self.obs_rms
         returns_of = reward_to_go if args.reward_to_go else whole_return
         current = [self.new_episode() for _ in range(N)]
         episodes, finished = [], np.zeros(N, np.int64)
-        while len(episodes) < K:
+        while len(episodes) < K and not stopped():
             active = np.nonzero(finished < K // N)[0]
             s = normalize_obs(self.next_obs[active], obs_rms)
             a, _, V = pi.act(s)
@@ -230,8 +232,6 @@ class EpisodeSampler:
                 ep["actions"].append(a[j])
                 ep["values"].append(V[j])
                 ep["raw"] += float(r)
-                if obs_rms is not None:
-                    obs_rms.update(s_next[None])
                 if self.scalers is not None:
                     r = self.scalers[i](np.array([r]), np.array([term or trunc]))[0]
                 ep["rewards"].append(float(r))
@@ -245,6 +245,10 @@ class EpisodeSampler:
                     finished[i] += 1
                     current[i] = self.new_episode()
                     s_next, _ = self.envs[i].reset()
+                if not np.isfinite(s_next).all():  # kept out of the statistics and the batch
+                    raise RunFault(f"env {i} returned a non-finite observation at global step {global_step}")
+                if obs_rms is not None:
+                    obs_rms.update(s_next[None])
                 self.next_obs[i] = s_next
         return episodes, global_step
 
@@ -419,12 +423,13 @@ def main(args: Args, stop: plumbing.StopSignal | None = None) -> int:
         while run.training() and global_step < args.total_timesteps:
             iteration += 1
             if args.anneal_lr:
-                optimizer.param_groups[0]["lr"] = (
-                    max(1.0 - global_step / args.total_timesteps, 0.0) * args.learning_rate
-                )
+                optimizer.param_groups[0]["lr"] = run.learning_rate(global_step, args.total_timesteps)
 
             # ---- K whole episodes with pi_theta, K / N per env ----
-            episodes, global_step = sampler.collect(RolloutPolicy(agent, rng), K, global_step, run.monitor.episode)
+            pi, log = RolloutPolicy(agent, rng), run.monitor.episode
+            episodes, global_step = sampler.collect(pi, K, global_step, log, stopped=run.stop.requested.is_set)
+            if len(episodes) < K:  # stopped during the batch: the checkpoint keeps the last update's state
+                break
 
             # ---- returns G_t and the baseline: A_hat = G - b, (K, max T_i) ----
             G, mask = pad([ep["G"] for ep in episodes])
@@ -491,4 +496,4 @@ def evaluate(ckpt: dict, episodes: int, seed: int, *more, **kw) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    sys.exit(plumbing.cli(Args, main, __doc__))
+    sys.exit(plumbing.script_cli(Args, main, __doc__))

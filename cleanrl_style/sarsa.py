@@ -225,4 +225,4 @@ def evaluate(ckpt: dict, episodes: int, seed: int, *more, **kw) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    sys.exit(plumbing.cli(Args, main, __doc__))
+    sys.exit(plumbing.script_cli(Args, main, __doc__))
