@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import SCRIPTS, run_script, scalars, script_env, train
 
+import plumbing
 from cleanrl_style import ppo
 
 
@@ -136,9 +137,10 @@ def test_sigint_checkpoints_and_resume_continues(tmp):
     assert resumed["optimizer"]["state"][0]["step"].item() == adam_steps0 + 4 * 10 * 4
     steps = [s for s, _ in scalars(run)["charts/SPS"]]
     assert steps[-4:] == [step0 + 256 * k for k in range(1, 5)]
-    # the learning rate schedule continued from where it stopped rather than restarting
+    # a new --total-timesteps on resume starts a new annealing (README): back to --learning-rate, then down
     lr = dict(scalars(run)["charts/learning_rate"])
-    assert lr[step0 + 256] < lr[256]
+    resumed_lr = [lr[step0 + 256 * k] for k in range(1, 5)]
+    assert resumed_lr[0] == pytest.approx(lr[256]) and resumed_lr == sorted(resumed_lr, reverse=True)
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(tmp, monkeypatch, capsys):
@@ -188,12 +190,12 @@ def test_evaluation_uses_the_frozen_observation_statistics(tmp):
     ckpt = torch.load(run / "ppo.pt", weights_only=True)
     assert ckpt["obs_rms"] is not None and ckpt["ret_rms"] is not None
     count = ckpt["obs_rms"]["count"]
-    first = ppo.evaluate(ckpt, 3, seed=1)
+    first = ppo.evaluate(ckpt, 3, seed=plumbing.evaluation_seed(1))  # the seeds of the run's final evaluation
     assert ckpt["obs_rms"]["count"] == count  # evaluating does not update them
-    np.testing.assert_array_equal(first, ppo.evaluate(ckpt, 3, seed=1))
+    np.testing.assert_array_equal(first, ppo.evaluate(ckpt, 3, seed=plumbing.evaluation_seed(1)))
     assert first.mean() == pytest.approx(scalars(run)["eval/episodic_return"][-1][1], abs=1e-3)
     shifted = dict(ckpt, obs_rms={**ckpt["obs_rms"], "mean": ckpt["obs_rms"]["mean"] + 3.0})
-    assert not np.array_equal(first, ppo.evaluate(shifted, 3, seed=1))  # and they are used
+    assert not np.array_equal(first, ppo.evaluate(shifted, 3, seed=plumbing.evaluation_seed(1)))  # and they are used
 
 
 class Counter(gym.Env):
