@@ -34,7 +34,7 @@ def test_the_link_check_catches_a_moved_function():
 
 def test_the_guide_covers_every_script_in_reading_order():
     text = GUIDE.read_text()
-    order = ["q_learning", "sarsa", "dqn", "reinforce", "a2c", "trpo", "ppo"]
+    order = ["q_learning", "sarsa", "dqn", "reinforce", "a2c", "trpo", "ppo", "grpo"]
     assert sorted(order) == sorted(TRAINING_SCRIPTS)
     positions = [text.find(f"{name}.py") for name in order]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), positions

@@ -185,9 +185,9 @@ def test_a_fault_after_an_update_keeps_the_state_of_the_last_good_update(tmp):
 # ---- the small math several scripts hold by design (each where a reader needs it) stays one text ----
 
 SHARED_BY_DESIGN = {
-    "Agent": ["ppo", "a2c", "trpo", "reinforce"],
-    "mlp": ["ppo", "a2c", "trpo", "reinforce"],
-    "layer_init": ["ppo", "a2c", "trpo", "reinforce"],
+    "Agent": ["ppo", "a2c", "trpo", "reinforce", "grpo"],
+    "mlp": ["ppo", "a2c", "trpo", "reinforce", "grpo"],
+    "layer_init": ["ppo", "a2c", "trpo", "reinforce", "grpo"],
     "gae": ["ppo", "a2c", "trpo"],
     "linear_schedule": ["q_learning", "sarsa", "dqn"],
     "epsilon_greedy": ["q_learning", "sarsa"],
