@@ -291,3 +291,21 @@ def test_sigterm_checkpoints_and_resume_goes_on_with_new_start_states(tmp_path):
     assert second["global_step"] >= int(total) and second["groups_sampled"] > first["groups_sampled"]
     steps = [s for s, _ in scalars(run)["charts/SPS"]]
     assert steps == sorted(set(steps)) and steps[-1] == second["global_step"]
+
+
+def test_the_beta_study_reports_what_its_runs_logged(tmp_path):
+    """benchmarks.grpo_study beta: a brief ppo.py policy as pi_ref, grpo.py from it for each beta; the table's
+    figures are the runs' own (read back here from their event files), and the figure is written."""
+    out = tmp_path / "beta"
+    cmd = [sys.executable, "-m", "benchmarks.grpo_study", "beta", "--sft-steps", "1500", "--steps", "3000"]
+    cmd += ["--betas", "0", "0.5", "--seeds", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, env=script_env(), capture_output=True)
+    table = (out / "README.md").read_text()
+    for beta in ("0.0", "0.5"):
+        run = next((out / f"beta_{beta}" / "seed_1").glob("*__grpo__1__*"))
+        logged = {tag: [v for _, v in pairs] for tag, pairs in scalars(run).items()}
+        final = np.mean(logged["charts/episodic_return"][-20:])
+        kl = np.mean(logged["losses/kl_ref_exact"][-5:])
+        assert f"| {beta} | {final:.1f} ({final:.0f}) | {kl:.4f} ({kl:.4f}) |" in table
+        assert logged["losses/kl_ref_exact"][0] < 0.05  # pi_theta starts at pi_ref: the first update's KL is small
+    assert (out / "beta.png").stat().st_size > 10_000
