@@ -437,32 +437,31 @@ def open_study(cfg: Config, storage, pruner):
     return study
 
 
-def main(args) -> int:
+def main(args, pruner=None, poll: float = POLL) -> int:
     """python -m benchmarks tune: run the study to --trials; exit status 0, 1 (every trial failed), 2 (bad input),
-    130 (stopped)."""
+    130 (stopped). `pruner` (an optuna pruner) replaces --pruner's; `poll`: seconds between two reads of the events."""
     try:
         cfg = check(args)
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        pruner = make_pruner(cfg)
-        if cfg.storage is not None:  # a URL that cannot be opened leaves no trace
-            storage = open_storage(cfg.storage)
+        pruner = pruner or make_pruner(cfg)
+        if cfg.storage is not None:  # a URL that cannot be opened, or a study made otherwise, leaves DIR unmade
+            study = open_study(cfg, open_storage(cfg.storage), pruner)
             lock(cfg.out)
-        else:
+        else:  # DIR/study.db: a study made otherwise is in a DIR made before
             lock(cfg.out)
-            storage = open_storage(f"sqlite:///{cfg.out / 'study.db'}")
-        try:
-            study = open_study(cfg, storage, pruner)
-        except SweepError:
-            unlock(cfg.out)
-            raise
+            try:
+                study = open_study(cfg, open_storage(f"sqlite:///{cfg.out / 'study.db'}"), pruner)
+            except SweepError:
+                unlock(cfg.out)
+                raise
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        return Tuner(cfg, study).run()
+        return Tuner(cfg, study, poll).run()
     finally:
         unlock(cfg.out)
 
