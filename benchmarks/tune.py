@@ -51,14 +51,16 @@ the same --storage and --study, and its own --out. PostgreSQL, for example:
 shows the study live in a browser at http://127.0.0.1:8080.
 
 At the end: DIR/summary.md (printed too): the best trial's command lines, the top trials, and the PRESETS entry
-(cleanrl_style/ALGO.py's PRESETS table) of the best setting; DIR/history.png and DIR/importance.png, Optuna's
-optimisation history and parameter importances (its default evaluator, PED-ANOVA, needs only numpy).
+(cleanrl_style/ALGO.py's PRESETS table) of the best setting; DIR/best.toml, a suite with the best setting
+(`python -m benchmarks run --suite DIR/best.toml --seeds ... --total-timesteps ...` runs it again); DIR/history.png
+and DIR/importance.png, Optuna's optimisation history and parameter importances (its default evaluator, PED-ANOVA,
+needs only numpy).
 
 Layout under --out DIR (default benchmarks/out/tune/STUDY):
     DIR/study.db                    the study (default storage)
     DIR/trials/NNNN/                trial NNNN: a sweep directory, runs/KEY, logs/KEY.log, status/KEY.json with
                                     KEY = ALGO__ENV__SEED__tNNNN; a .stop file once it was pruned or stopped
-    DIR/summary.md, DIR/history.png, DIR/importance.png
+    DIR/summary.md, DIR/best.toml, DIR/history.png, DIR/importance.png
 
 Bad input (an unknown algorithm, env or flag, a flag whose type does not fit its distribution, a space file that
 does not parse or holds a range that does not, a storage that cannot be opened, a study of that name made with
@@ -828,9 +830,22 @@ def write_summary(study, cfg: Config) -> str:
         f'    "tuned": dict({preset}),  # python -m benchmarks tune, study {cfg.study}, trial {best.number}',
         "```",
         "",
+        "To run it again beside the defaults, on other seeds and another budget, best.toml is a suite with it:",
+        "",
+        "```",
+        f"python -m benchmarks run --suite {cfg.out / 'best.toml'} --seeds 2 3 4 5 6 --total-timesteps 1000000 "
+        f"--out benchmarks/out/{cfg.study}-best",
+        "```",
+        "",
         f"## Top {min(TOP, len(done))} of {len(done)} completed trials",
         "",
     ]
+    (cfg.out / "best.toml").write_text(
+        f"# the best setting of study {cfg.study} (trial {best.number}, score {best.value:.4g}): benchmarks/tune.py\n"
+        f"algos = [{json.dumps(cfg.algo)}]\nenvs = {json.dumps(cfg.envs)}\nseeds = {json.dumps(cfg.seeds)}\n"
+        f"total_timesteps = {cfg.total_timesteps}\n\n[flags]\n"
+        f"{json.dumps(cfg.algo)} = {json.dumps(best.user_attrs['flags'])}\n"
+    )
     names = [p.name for p in cfg.params]
     header = ["rank", "trial", "score"] + [f"{env} (per seed)" for env in cfg.envs] + names
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -14,6 +14,7 @@ import torch
 
 from benchmarks import tune
 from benchmarks.events import load_scalars
+from benchmarks.sweep import load_suite
 
 optuna = pytest.importorskip("optuna")
 
@@ -85,6 +86,8 @@ def test_a_study_end_to_end_then_resumed(tmp_path, capsys, space):
     assert f"Best: trial {best.number}" in summary
     lr = best.user_attrs["values"]["learning_rate"]
     assert f"--learning-rate {lr}" in printed and f"learning_rate={lr!r}" in summary  # command and PRESETS
+    suite = load_suite(str(out / "best.toml"))  # the best setting as a suite the harness runs again
+    assert suite.flags == {"ppo": best.user_attrs["flags"]} and suite.envs == ["CartPole-v1", "Acrobot-v1"]
     for png in ("history.png", "importance.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     first = {k: s["start_time"] for k, s in statuses(out).items()}
