@@ -3,6 +3,8 @@
     python -m benchmarks run --suite classic [--algos ppo sb3-ppo] [--envs CartPole-v1] [--seeds 1 2 3]
                              [--total-timesteps N] [--workers N] [--out DIR] [--backend local|ray]
     python -m benchmarks report [--out DIR]
+    python -m benchmarks tune --algo ALGO --env ENV --trials N --total-timesteps T --seeds S... --study NAME
+                              (hyperparameter search with Optuna: benchmarks/tune.py says how)
 
 Each run is its own process with one torch thread; --workers run at once (default: the cores). A
 second `run` with the same arguments skips the runs that finished with the same command, resumes the
@@ -29,6 +31,7 @@ import os
 import sys
 from pathlib import Path
 
+from benchmarks import tune
 from benchmarks.report import report
 from benchmarks.sweep import INTERRUPTED, ROOT, SweepError, check_algos, check_distinct, load_suite, sweep
 
@@ -49,7 +52,10 @@ def main(argv=None) -> int:
     run.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     rep = sub.add_parser("report", help="write the report of a sweep directory")
     rep.add_argument("--out", type=Path, required=True, help="the sweep's output directory")
+    tune.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "tune":
+        return tune.main(args)
 
     command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.command == "report":
