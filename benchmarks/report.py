@@ -163,15 +163,52 @@ def summarise(runs: list, threshold: "float | None", window: int = WINDOW) -> di
     return {"n": len(runs), "final": final, "eval": evals, "steps_to": steps_to, "secs_to": secs_to, "sps": sps}
 
 
+MIN_BAND = 3  # seeds: no 95% band or CI from fewer (a bootstrap over 1 or 2 values is their range, not a CI)
+
+
+def seeds_label(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
 def fmt_ci(values: list) -> str:
+    """IQM over seeds with its 95% bootstrap CI in brackets; the IQM alone from fewer than MIN_BAND seeds."""
     if not values:
         return "–"
+    if len(values) < MIN_BAND:
+        return f"{iqm(values):.1f}"
     lo, hi = bootstrap_ci(values)
     return f"{iqm(values):.1f} [{lo:.1f}, {hi:.1f}]"
 
 
+def draw_mean(ax, grid: np.ndarray, curves: np.ndarray, label: str) -> None:
+    """The mean over seeds of curves on a common grid (NaN where a seed has no value: before its first episode, after
+    its end). Solid where every seed has a value, with a 95% bootstrap band from MIN_BAND seeds on; dashed where only
+    some do (the mean over the seeds still running: in seconds, seeds end at different times)."""
+    present = np.isfinite(curves)
+    count = present.sum(0)
+    some = count > 0
+    if not some.any():
+        return
+    mean = np.full(len(grid), np.nan)
+    mean[some] = np.where(present, curves, 0.0).sum(0)[some] / count[some]
+    full = count == len(curves)
+    (line,) = ax.plot(grid, np.where(full, mean, np.nan), label=label)
+    if (some & ~full).any():
+        # the dashed part joins the solid one: the grid points next to a solid point are drawn in both
+        edge = some & ~full
+        beside = np.zeros_like(edge)
+        beside[1:] |= edge[:-1]
+        beside[:-1] |= edge[1:]
+        edge |= full & beside
+        ax.plot(grid, np.where(edge, mean, np.nan), color=line.get_color(), linestyle="--", linewidth=1)
+    if len(curves) >= MIN_BAND and full.any():
+        _, lo, hi = bootstrap_band(curves[:, full])
+        ax.fill_between(grid[full], lo, hi, color=line.get_color(), alpha=0.2)
+
+
 def figure(env: str, by_algo: dict, path: Path, csv_rows: list) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    partial = False
     for ax, xkey in zip(axes, ["steps", "seconds"]):
         x_max = 0.0
         series = {}
@@ -189,18 +226,15 @@ def figure(env: str, by_algo: dict, path: Path, csv_rows: list) -> None:
             if xkey == "steps":
                 for (_, _, seed), curve in zip(per_seed, curves):
                     csv_rows.extend((env, algo, seed, int(g), v) for g, v in zip(grid, curve) if np.isfinite(v))
-            ok = np.all(np.isfinite(curves), 0)
-            if not ok.any():
-                continue
-            mean, lo, hi = bootstrap_band(curves[:, ok])
-            (line,) = ax.plot(grid[ok], mean, label=f"{algo} ({len(per_seed)} seeds)")
-            ax.fill_between(grid[ok], lo, hi, color=line.get_color(), alpha=0.2)
+            partial |= bool((np.isfinite(curves).any(0) & ~np.isfinite(curves).all(0)).any())
+            draw_mean(ax, grid, curves, f"{algo} ({seeds_label(len(per_seed))})")
         ax.set_xlabel("environment steps" if xkey == "steps" else "wall-clock seconds (whole process)")
         ax.set_ylabel(f"episodic return (mean of last {WINDOW})")
         ax.grid(alpha=0.3)
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=8)
-    fig.suptitle(f"{env}: mean over seeds, 95% bootstrap band")
+    title = f"{env}: mean over seeds, 95% bootstrap band from {MIN_BAND} seeds"
+    fig.suptitle(title + ("; dashed: the mean over the seeds still running" if partial else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
