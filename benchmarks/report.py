@@ -1,10 +1,14 @@
 """Turn a sweep's event files into a markdown report, PNG learning curves and a CSV of the curves.
 
 Per run: the training curve is the mean of the last 20 finished episodes, read at each point of a
-common grid of env steps (and of whole-process seconds). Per algorithm and env: the mean over seeds
-with a 95% percentile-bootstrap band; in the table, the IQM over seeds (with a 95% bootstrap CI) of
-the mean of the last 100 training episodes and of the final deterministic evaluation, the env steps
-and seconds until the 20-episode mean first reaches the suite's threshold, and the steps per second.
+common grid of env steps (and of whole-process seconds). Per algorithm (or variant) and env: the mean
+over seeds, solid where every seed has a value and dashed where only some do (seeds end at different
+seconds: the mean over those still running), with a 95% percentile-bootstrap band from 3 seeds on. In
+the table: the IQM over seeds (with a 95% bootstrap CI from 3 seeds on) of the mean of the last 100
+training episodes and of the final deterministic evaluation, the env steps and seconds until the
+20-episode mean first reaches the suite's threshold, and the steps per second. Across the envs with a
+reference score: rliable's aggregates of the normalised final evaluations (benchmarks/aggregate.py),
+their figures, and out/scores.csv.
 
 Not in the table's numbers, each on a line of its own: failed and unfinished runs; runs that finished
 without a training episode (a budget shorter than an episode of every env); runs whose event file ends
@@ -240,6 +244,93 @@ def figure(env: str, by_algo: dict, path: Path, csv_rows: list) -> None:
     plt.close(fig)
 
 
+def aggregate_section(out: Path, finished: list) -> list:
+    """The report's lines on the aggregates across envs (benchmarks/aggregate.py, with rliable), and their figures
+    out/figures/aggregates.png and out/figures/profiles.png and the scores in out/scores.csv; [] if no env of the
+    report has a reference score."""
+    from benchmarks import aggregate
+
+    scores, envs, notes = aggregate.score_matrices(finished)
+    if not scores:
+        return []
+    lines = [
+        "## Aggregates across envs",
+        "",
+        f"Each run's final deterministic evaluation, normalised on its env: (score - random) / (best - random), "
+        f"over {', '.join(envs)}. IQM: the mean of the middle half of all (run, env) scores; brackets: 95% stratified "
+        "bootstrap CIs (runs resampled within each env), with rliable (Agarwal et al. 2021).",
+        "",
+    ]
+    try:
+        import rliable  # noqa: F401
+    except ImportError:
+        return lines + ['(not computed: rliable is not installed; pip install -e ".[bench]")', ""]
+    agg = aggregate.aggregates(scores)
+    lines += ["| algorithm | runs x envs | IQM | mean |", "|---|---|---|---|"]
+    for algo, a in agg.items():
+        cells = [f"{p:.3f} [{lo:.3f}, {hi:.3f}]" for p, lo, hi in (a["IQM"], a["mean"])]
+        lines.append(f"| {algo} | {scores[algo].shape[0]} x {scores[algo].shape[1]} | {cells[0]} | {cells[1]} |")
+    lines.append("")
+    better = aggregate.improvements(scores)
+    if better:
+        lines += [
+            "Probability of improvement P(X > Y): the chance that a run of X scores above a run of Y on an env "
+            "(Mann-Whitney U over their runs), averaged over the envs; 95% CI from resampling each one's runs.",
+            "",
+            "| X | Y | P(X > Y) |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {x} | {y} | {p:.2f} [{lo:.2f}, {hi:.2f}] |" for (x, y), (p, lo, hi) in better.items()]
+        lines.append("")
+    lines += ["| env | random | best | random: source | best: source |", "|---|---|---|---|---|"]
+    for env in envs:
+        random, best, random_source, best_source = aggregate.REFERENCE[env]
+        lines.append(f"| {env} | {random:g} | {best:g} | {random_source} | {best_source} |")
+    lines += [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
+    profile, profile_ci = aggregate.profiles(scores)
+    aggregates_figure(agg, profile, profile_ci, out / "figures")
+    lines += ["![aggregates](figures/aggregates.png)", "", "![performance profiles](figures/profiles.png)", ""]
+    with open(out / "scores.csv", "w") as fh:
+        fh.write("algo,env,run,normalised_score\n")
+        for algo, m in scores.items():
+            fh.writelines(f"{algo},{env},{i},{m[i, j]:.6f}\n" for i in range(m.shape[0]) for j, env in enumerate(envs))
+    return lines
+
+
+def aggregates_figure(agg: dict, profile: dict, profile_ci: dict, folder: Path) -> None:
+    """figures/aggregates.png: IQM and mean with their CIs per algorithm; figures/profiles.png: the performance
+    profiles (share of runs above tau) with their 95% bands."""
+    from benchmarks.aggregate import TAUS
+
+    algos = list(agg)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.9 + 0.35 * len(algos)), sharey=True)
+    for ax, metric in zip(axes, ["IQM", "mean"]):
+        for i, algo in enumerate(algos):
+            p, lo, hi = agg[algo][metric]
+            ax.barh(i, hi - lo, left=lo, height=0.6, alpha=0.6, color=f"C{i % 10}")
+            ax.plot([p, p], [i - 0.3, i + 0.3], color="black", linewidth=1.5)
+        ax.set_title(f"{metric} of normalised scores")
+        ax.set_xlabel("normalised score (0: random, 1: best published)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(algos)), algos)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(folder / "aggregates.png", dpi=90)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, algo in enumerate(algos):
+        ax.plot(TAUS, profile[algo], color=f"C{i % 10}", label=algo)
+        ax.fill_between(TAUS, profile_ci[algo][0], profile_ci[algo][1], color=f"C{i % 10}", alpha=0.15)
+    ax.set_xlabel("normalised score tau")
+    ax.set_ylabel("fraction of runs with score > tau")
+    ax.set_title("performance profiles, 95% stratified bootstrap bands")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "profiles.png", dpi=90)
+    plt.close(fig)
+
+
 def report(out: Path, command: str = "") -> Path:
     """Write out/report.md, out/figures/{env}.png and out/curves.csv; return the report's path."""
     suite = read_suite_json(out)
@@ -307,6 +398,7 @@ def report(out: Path, command: str = "") -> Path:
             lines.append(f"- {says}")
             print(f"warning: truncated event file: {says}", file=sys.stderr)
         lines.append("")
+    lines += aggregate_section(out, finished)
     with open(out / "curves.csv", "w") as fh:
         fh.write("env,algo,seed,step,return_mean_last_20\n")
         fh.writelines(f"{e},{a},{s},{x},{v:.4f}\n" for e, a, s, x, v in csv_rows)
