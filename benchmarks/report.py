@@ -268,7 +268,9 @@ def aggregate_section(out: Path, finished: list) -> list:
     agg = aggregate.aggregates(scores)
     lines += ["| algorithm | runs x envs | IQM | mean |", "|---|---|---|---|"]
     for algo, a in agg.items():
-        cells = [f"{p:.3f} [{lo:.3f}, {hi:.3f}]" for p, lo, hi in (a["IQM"], a["mean"])]
+        # no CI from fewer than MIN_BAND runs per env, as in the table above
+        few = scores[algo].shape[0] < MIN_BAND
+        cells = [f"{p:.3f}" if few else f"{p:.3f} [{lo:.3f}, {hi:.3f}]" for p, lo, hi in (a["IQM"], a["mean"])]
         lines.append(f"| {algo} | {scores[algo].shape[0]} x {scores[algo].shape[1]} | {cells[0]} | {cells[1]} |")
     lines.append("")
     better = aggregate.improvements(scores)
@@ -280,7 +282,9 @@ def aggregate_section(out: Path, finished: list) -> list:
             "| X | Y | P(X > Y) |",
             "|---|---|---|",
         ]
-        lines += [f"| {x} | {y} | {p:.2f} [{lo:.2f}, {hi:.2f}] |" for (x, y), (p, lo, hi) in better.items()]
+        for (x, y), (p, lo, hi) in better.items():
+            few = min(scores[x].shape[0], scores[y].shape[0]) < MIN_BAND
+            lines.append(f"| {x} | {y} | {p:.2f} |" if few else f"| {x} | {y} | {p:.2f} [{lo:.2f}, {hi:.2f}] |")
         lines.append("")
     lines += ["| env | random | best | random: source | best: source |", "|---|---|---|---|---|"]
     for env in envs:
@@ -336,6 +340,9 @@ def report(out: Path, command: str = "") -> Path:
     suite = read_suite_json(out)
     thresholds, windows = suite.get("thresholds", {}), suite.get("threshold_windows", {})
     finished, left_out = load_runs(out)
+    # in the suite's order of algorithms (variants included), then any other
+    order = {a: i for i, a in enumerate(suite.get("algos", []))}
+    finished.sort(key=lambda r: order.get(r["algo"], len(order)))
     failed = [f for f in left_out if f["failed"]]
     (out / "figures").mkdir(exist_ok=True)
     envs = list(dict.fromkeys([r["env"] for r in finished] + [f["env"] for f in left_out]))

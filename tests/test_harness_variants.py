@@ -10,7 +10,7 @@ from benchmarks.events import load_scalars
 from benchmarks.sweep import load_suite
 
 VARIANTS = """
-algos = ["ppo-k1", "ppo-k3"]
+algos = ["ppo-k3", "ppo-k1"]
 envs = ["CartPole-v1"]
 seeds = [1, 2]
 total_timesteps = 256
@@ -66,6 +66,7 @@ def test_variants_run_resume_and_report_as_algorithms(tmp, capsys):
         cells = [c.strip() for c in row(report, name).split("|")[1:-1]]
         evals = [saved[f"{name}__CartPole-v1__{s}"] for s in (1, 2)]
         assert cells[1] == "2" and float(cells[3].split()[0]) == pytest.approx(sum(evals) / 2, abs=0.051), cells
+    assert report.index("| ppo-k3 |") < report.index("| ppo-k1 |")  # in the suite's order
     curves = (out / "curves.csv").read_text().splitlines()
     assert {line.split(",")[1] for line in curves[1:]} == {"ppo-k1", "ppo-k3"}
 

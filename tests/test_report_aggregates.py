@@ -185,3 +185,11 @@ def test_without_rliable_the_report_says_so(tmp, monkeypatch):
         "## Aggregates across envs" in md and 'not computed: rliable is not installed; pip install -e ".[bench]"' in md
     )
     assert not (tmp / "scores.csv").exists()
+
+
+def test_no_ci_from_fewer_than_3_runs(tmp):
+    (tmp / "figures").mkdir()
+    runs = finished_runs({"ppo": {"CartPole-v1": [500.0, 261.85]}, "sb3-ppo": {"CartPole-v1": [23.7, 500.0]}})
+    md = "\n".join(report.aggregate_section(tmp, runs))
+    assert table_rows(md, "| algorithm | runs x envs | IQM | mean |")["ppo"] == ["2 x 1", "0.750", "0.750"]
+    assert table_rows(md, "| X | Y | P(X > Y) |")["ppo"] == ["sb3-ppo", "0.62"]  # (1 + 0.5 + 1 + 0) / 4
