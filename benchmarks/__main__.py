@@ -41,7 +41,11 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a suite (resumable)")
     run.add_argument("--suite", required=True, help="a file benchmarks/suites/NAME.toml: smoke, classic, mujoco")
-    run.add_argument("--algos", nargs="+", help="override the suite's algorithms (peers: sb3-ppo, sb3-a2c, ...)")
+    run.add_argument(
+        "--algos",
+        nargs="+",
+        help="override the suite's algorithms (peers: sb3-ppo, sb3-a2c, ...; the suite's variants)",
+    )
     run.add_argument("--envs", nargs="+", help="override the suite's environments")
     run.add_argument("--seeds", nargs="+", type=int, help="override the suite's seeds")
     run.add_argument("--total-timesteps", type=int, help="override the suite's budget")
@@ -80,7 +84,7 @@ def main(argv=None) -> int:
             "total_timesteps": args.total_timesteps,
         }
         suite = dataclasses.replace(suite, **{k: v for k, v in overrides.items() if v is not None})
-        check_algos(suite.algos)
+        check_algos(suite.algos, suite.variants)
         if args.workers < 1:
             raise SweepError("--workers must be >= 1")
         if args.backend == "ray" and importlib.util.find_spec("ray") is None:

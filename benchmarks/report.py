@@ -1,10 +1,14 @@
 """Turn a sweep's event files into a markdown report, PNG learning curves and a CSV of the curves.
 
 Per run: the training curve is the mean of the last 20 finished episodes, read at each point of a
-common grid of env steps (and of whole-process seconds). Per algorithm and env: the mean over seeds
-with a 95% percentile-bootstrap band; in the table, the IQM over seeds (with a 95% bootstrap CI) of
-the mean of the last 100 training episodes and of the final deterministic evaluation, the env steps
-and seconds until the 20-episode mean first reaches the suite's threshold, and the steps per second.
+common grid of env steps (and of whole-process seconds). Per algorithm (or variant) and env: the mean
+over seeds, solid where every seed has a value and dashed where only some do (seeds end at different
+seconds: the mean over those still running), with a 95% percentile-bootstrap band from 3 seeds on. In
+the table: the IQM over seeds (with a 95% bootstrap CI from 3 seeds on) of the mean of the last 100
+training episodes and of the final deterministic evaluation, the env steps and seconds until the
+20-episode mean first reaches the suite's threshold, and the steps per second. Across the envs with a
+reference score: rliable's aggregates of the normalised final evaluations (benchmarks/aggregate.py),
+their figures, and out/scores.csv.
 
 Not in the table's numbers, each on a line of its own: failed and unfinished runs; runs that finished
 without a training episode (a budget shorter than an episode of every env); runs whose event file ends
@@ -163,15 +167,52 @@ def summarise(runs: list, threshold: "float | None", window: int = WINDOW) -> di
     return {"n": len(runs), "final": final, "eval": evals, "steps_to": steps_to, "secs_to": secs_to, "sps": sps}
 
 
+MIN_BAND = 3  # seeds: no 95% band or CI from fewer (a bootstrap over 1 or 2 values is their range, not a CI)
+
+
+def seeds_label(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
 def fmt_ci(values: list) -> str:
+    """IQM over seeds with its 95% bootstrap CI in brackets; the IQM alone from fewer than MIN_BAND seeds."""
     if not values:
         return "–"
+    if len(values) < MIN_BAND:
+        return f"{iqm(values):.1f}"
     lo, hi = bootstrap_ci(values)
     return f"{iqm(values):.1f} [{lo:.1f}, {hi:.1f}]"
 
 
+def draw_mean(ax, grid: np.ndarray, curves: np.ndarray, label: str) -> None:
+    """The mean over seeds of curves on a common grid (NaN where a seed has no value: before its first episode, after
+    its end). Solid where every seed has a value, with a 95% bootstrap band from MIN_BAND seeds on; dashed where only
+    some do (the mean over the seeds still running: in seconds, seeds end at different times)."""
+    present = np.isfinite(curves)
+    count = present.sum(0)
+    some = count > 0
+    if not some.any():
+        return
+    mean = np.full(len(grid), np.nan)
+    mean[some] = np.where(present, curves, 0.0).sum(0)[some] / count[some]
+    full = count == len(curves)
+    (line,) = ax.plot(grid, np.where(full, mean, np.nan), label=label)
+    if (some & ~full).any():
+        # the dashed part joins the solid one: the grid points next to a solid point are drawn in both
+        edge = some & ~full
+        beside = np.zeros_like(edge)
+        beside[1:] |= edge[:-1]
+        beside[:-1] |= edge[1:]
+        edge |= full & beside
+        ax.plot(grid, np.where(edge, mean, np.nan), color=line.get_color(), linestyle="--", linewidth=1)
+    if len(curves) >= MIN_BAND and full.any():
+        _, lo, hi = bootstrap_band(curves[:, full])
+        ax.fill_between(grid[full], lo, hi, color=line.get_color(), alpha=0.2)
+
+
 def figure(env: str, by_algo: dict, path: Path, csv_rows: list) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    partial = False
     for ax, xkey in zip(axes, ["steps", "seconds"]):
         x_max = 0.0
         series = {}
@@ -189,20 +230,108 @@ def figure(env: str, by_algo: dict, path: Path, csv_rows: list) -> None:
             if xkey == "steps":
                 for (_, _, seed), curve in zip(per_seed, curves):
                     csv_rows.extend((env, algo, seed, int(g), v) for g, v in zip(grid, curve) if np.isfinite(v))
-            ok = np.all(np.isfinite(curves), 0)
-            if not ok.any():
-                continue
-            mean, lo, hi = bootstrap_band(curves[:, ok])
-            (line,) = ax.plot(grid[ok], mean, label=f"{algo} ({len(per_seed)} seeds)")
-            ax.fill_between(grid[ok], lo, hi, color=line.get_color(), alpha=0.2)
+            partial |= bool((np.isfinite(curves).any(0) & ~np.isfinite(curves).all(0)).any())
+            draw_mean(ax, grid, curves, f"{algo} ({seeds_label(len(per_seed))})")
         ax.set_xlabel("environment steps" if xkey == "steps" else "wall-clock seconds (whole process)")
         ax.set_ylabel(f"episodic return (mean of last {WINDOW})")
         ax.grid(alpha=0.3)
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=8)
-    fig.suptitle(f"{env}: mean over seeds, 95% bootstrap band")
+    title = f"{env}: mean over seeds, 95% bootstrap band from {MIN_BAND} seeds"
+    fig.suptitle(title + ("; dashed: the mean over the seeds still running" if partial else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def aggregate_section(out: Path, finished: list) -> list:
+    """The report's lines on the aggregates across envs (benchmarks/aggregate.py, with rliable), and their figures
+    out/figures/aggregates.png and out/figures/profiles.png and the scores in out/scores.csv; [] if no env of the
+    report has a reference score."""
+    from benchmarks import aggregate
+
+    scores, envs, notes = aggregate.score_matrices(finished)
+    if not scores:
+        return []
+    lines = [
+        "## Aggregates across envs",
+        "",
+        f"Each run's final deterministic evaluation, normalised on its env: (score - random) / (best - random), "
+        f"over {', '.join(envs)}. IQM: the mean of the middle half of all (run, env) scores; brackets: 95% stratified "
+        "bootstrap CIs (runs resampled within each env), with rliable (Agarwal et al. 2021).",
+        "",
+    ]
+    try:
+        import rliable  # noqa: F401
+    except ImportError:
+        return lines + ['(not computed: rliable is not installed; pip install -e ".[bench]")', ""]
+    agg = aggregate.aggregates(scores)
+    lines += ["| algorithm | runs x envs | IQM | mean |", "|---|---|---|---|"]
+    for algo, a in agg.items():
+        # no CI from fewer than MIN_BAND runs per env, as in the table above
+        few = scores[algo].shape[0] < MIN_BAND
+        cells = [f"{p:.3f}" if few else f"{p:.3f} [{lo:.3f}, {hi:.3f}]" for p, lo, hi in (a["IQM"], a["mean"])]
+        lines.append(f"| {algo} | {scores[algo].shape[0]} x {scores[algo].shape[1]} | {cells[0]} | {cells[1]} |")
+    lines.append("")
+    better = aggregate.improvements(scores)
+    if better:
+        lines += [
+            "Probability of improvement P(X > Y): the chance that a run of X scores above a run of Y on an env "
+            "(Mann-Whitney U over their runs), averaged over the envs; 95% CI from resampling each one's runs.",
+            "",
+            "| X | Y | P(X > Y) |",
+            "|---|---|---|",
+        ]
+        for (x, y), (p, lo, hi) in better.items():
+            few = min(scores[x].shape[0], scores[y].shape[0]) < MIN_BAND
+            lines.append(f"| {x} | {y} | {p:.2f} |" if few else f"| {x} | {y} | {p:.2f} [{lo:.2f}, {hi:.2f}] |")
+        lines.append("")
+    lines += ["| env | random | best | random: source | best: source |", "|---|---|---|---|---|"]
+    for env in envs:
+        random, best, random_source, best_source = aggregate.REFERENCE[env]
+        lines.append(f"| {env} | {random:g} | {best:g} | {random_source} | {best_source} |")
+    lines += [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
+    profile, profile_ci = aggregate.profiles(scores)
+    aggregates_figure(agg, profile, profile_ci, out / "figures")
+    lines += ["![aggregates](figures/aggregates.png)", "", "![performance profiles](figures/profiles.png)", ""]
+    with open(out / "scores.csv", "w") as fh:
+        fh.write("algo,env,run,normalised_score\n")
+        for algo, m in scores.items():
+            fh.writelines(f"{algo},{env},{i},{m[i, j]:.6f}\n" for i in range(m.shape[0]) for j, env in enumerate(envs))
+    return lines
+
+
+def aggregates_figure(agg: dict, profile: dict, profile_ci: dict, folder: Path) -> None:
+    """figures/aggregates.png: IQM and mean with their CIs per algorithm; figures/profiles.png: the performance
+    profiles (share of runs above tau) with their 95% bands."""
+    from benchmarks.aggregate import TAUS
+
+    algos = list(agg)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.9 + 0.35 * len(algos)), sharey=True)
+    for ax, metric in zip(axes, ["IQM", "mean"]):
+        for i, algo in enumerate(algos):
+            p, lo, hi = agg[algo][metric]
+            ax.barh(i, hi - lo, left=lo, height=0.6, alpha=0.6, color=f"C{i % 10}")
+            ax.plot([p, p], [i - 0.3, i + 0.3], color="black", linewidth=1.5)
+        ax.set_title(f"{metric} of normalised scores")
+        ax.set_xlabel("normalised score (0: random, 1: best published)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(algos)), algos)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(folder / "aggregates.png", dpi=90)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, algo in enumerate(algos):
+        ax.plot(TAUS, profile[algo], color=f"C{i % 10}", label=algo)
+        ax.fill_between(TAUS, profile_ci[algo][0], profile_ci[algo][1], color=f"C{i % 10}", alpha=0.15)
+    ax.set_xlabel("normalised score tau")
+    ax.set_ylabel("fraction of runs with score > tau")
+    ax.set_title("performance profiles, 95% stratified bootstrap bands")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "profiles.png", dpi=90)
     plt.close(fig)
 
 
@@ -211,6 +340,9 @@ def report(out: Path, command: str = "") -> Path:
     suite = read_suite_json(out)
     thresholds, windows = suite.get("thresholds", {}), suite.get("threshold_windows", {})
     finished, left_out = load_runs(out)
+    # in the suite's order of algorithms (variants included), then any other
+    order = {a: i for i, a in enumerate(suite.get("algos", []))}
+    finished.sort(key=lambda r: order.get(r["algo"], len(order)))
     failed = [f for f in left_out if f["failed"]]
     (out / "figures").mkdir(exist_ok=True)
     envs = list(dict.fromkeys([r["env"] for r in finished] + [f["env"] for f in left_out]))
@@ -273,6 +405,7 @@ def report(out: Path, command: str = "") -> Path:
             lines.append(f"- {says}")
             print(f"warning: truncated event file: {says}", file=sys.stderr)
         lines.append("")
+    lines += aggregate_section(out, finished)
     with open(out / "curves.csv", "w") as fh:
         fh.write("env,algo,seed,step,return_mean_last_20\n")
         fh.writelines(f"{e},{a},{s},{x},{v:.4f}\n" for e, a, s, x, v in csv_rows)

@@ -1,4 +1,9 @@
-"""Aggregate statistics over seeds: the interquartile mean and percentile-bootstrap confidence intervals."""
+"""Statistics over the seeds of one env: the interquartile mean and percentile-bootstrap confidence intervals.
+
+The report's table and learning-curve bands use these, so that a report needs no optional dependency; the
+aggregates across envs (stratified bootstrap, performance profiles, probability of improvement) are rliable's,
+in benchmarks/aggregate.py. For one env, rliable's IQM and stratified bootstrap reduce to these.
+"""
 
 import numpy as np
 

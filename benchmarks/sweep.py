@@ -1,5 +1,21 @@
 """Run every (algorithm, env, seed) of a suite, each as its own process, and keep the record.
 
+A suite is a TOML file (benchmarks/suites/NAME.toml): algos, envs, seeds, and optionally total_timesteps,
+thresholds, threshold_windows, [flags] (extra flags per algorithm "ppo" or per algorithm and env "ppo:Hopper-v5")
+and [variants]. A variant is one algorithm (a script of cleanrl_style/ or a peer sb3-*) with a set of flags under a
+name of its own, listed in `algos` like any algorithm:
+
+    algos = ["dqn", "dqn+per"]
+    [variants]
+    "dqn+per" = { algo = "dqn", flags = ["--prioritized"] }
+
+A variant runs as its algorithm would in this suite (the algorithm's [flags] entries included), then its own flags,
+then the [flags] entries under the variant's name ("dqn+per", "dqn+per:CartPole-v1"); a flag given twice takes its
+last value, so a variant's flags override the algorithm's. It gets `--exp-name NAME` (the run directory's and
+TensorBoard's name carry it), its own key, run directory, status file, curve and row. A variant's name is letters,
+digits and . _ + - (no "__", which separates the parts of a key), and not the name of a script or a peer; its
+algorithm is a script or a peer, not another variant.
+
 Layout under --out DIR (KEY is {algo}__{env}__{seed}, with any '/' of the env id written '+'):
     DIR/runs/KEY/{the script's run directory}    TensorBoard events, checkpoint
     DIR/logs/KEY.log                             the process's stdout and stderr (.log.1, .log.2: earlier attempts)
@@ -30,8 +46,9 @@ finished and what did not, and exits 130. The same command again goes on where i
 --backend ray the stop travels to the Ray workers through the file DIR/.stop.
 
 A suite file that is not what SUITE_KEYS says, an algorithm, env or seed listed twice, an unknown
-algorithm or peer, a broken status file, an --out that is a file or cannot be made, or a DIR in use
-raise SweepError before anything is written (the command line makes it one `error:` line, exit 2).
+algorithm or peer, a bad variant (see check_variants), a broken status file, an --out that is a file or cannot
+be made, or a DIR in use raise SweepError before anything is written (the command line makes it one `error:`
+line, exit 2).
 
 One sweep at a time in DIR: the harness holds a lock on DIR (flock on the directory itself, so no file
 is written) and hands it down to each script it starts. The OS releases it when the last of them ends,
@@ -42,6 +59,7 @@ ended, instead of resuming their runs under them or clearing their live run dire
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -76,6 +94,11 @@ class Suite:
     thresholds: dict = field(default_factory=dict)
     threshold_windows: dict = field(default_factory=dict)
     flags: dict = field(default_factory=dict)
+    variants: dict = field(default_factory=dict)  # name -> {"algo": script or peer, "flags": [...]}
+
+    def base(self, name: str) -> str:
+        """The script or peer a name of `algos` runs: a variant's algorithm, else the name itself."""
+        return self.variants[name]["algo"] if name in self.variants else name
 
 
 def _is(kind):
@@ -99,7 +122,9 @@ SUITE_KEYS = {
     "thresholds": (False, _table_of(_is((int, float))), 'a table of numbers ("env" = 475)'),
     "threshold_windows": (False, _table_of(lambda v: _is(int)(v) and v > 0), "a table of positive integers"),
     "flags": (False, _table_of(_list_of(str)), 'a table of lists of strings ("ppo" = ["--eval-episodes", "2"])'),
+    "variants": (False, _table_of(lambda v: isinstance(v, dict)), 'a table of tables ("v" = { algo = "ppo", ... })'),
 }
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a file name: run directory, log, status, checkpoint
 
 
 def check_distinct(values: list, where: str) -> None:
@@ -130,7 +155,42 @@ def load_suite(name: str) -> Suite:
         raise SweepError(f"{path}: unknown key '{unknown[0]}' (known: {', '.join(SUITE_KEYS)})")
     for key in ("algos", "envs", "seeds"):
         check_distinct(data[key], f"{path}: '{key}'")
-    return Suite(name=path.stem, **{k: data[k] for k in SUITE_KEYS if k in data})
+    variants = data.get("variants", {})
+    check_variants(variants, f"{path}: ")
+    variants = {name: {"algo": v["algo"], "flags": list(v.get("flags", []))} for name, v in variants.items()}
+    return Suite(name=path.stem, **{k: data[k] for k in SUITE_KEYS if k in data and k != "variants"}, variants=variants)
+
+
+def check_variants(variants: dict, where: str = "") -> None:
+    """SweepError for a variant with an empty name or one unsafe in a path, the name of a script or a peer, an
+    algorithm that is neither a script nor a known peer (nor another variant), flags that are not a list of strings,
+    or a key other than algo and flags."""
+    scripts = algorithm_scripts()
+    for name, v in variants.items():
+        if not name:
+            raise SweepError(f"{where}a variant has an empty name")
+        if not VARIANT_NAME.fullmatch(name) or "__" in name:
+            raise SweepError(
+                f"{where}variant name {name!r} must be letters, digits and . _ + - (starting with a letter or digit, "
+                "no '__'): it names the run's directory and files"
+            )
+        if name in scripts or (name.startswith("sb3-") and name[4:] in peer_algos()):
+            raise SweepError(f"{where}variant {name!r} has the name of a script or peer: name it otherwise")
+        unknown = sorted(set(v) - {"algo", "flags"})
+        if unknown:
+            raise SweepError(f"{where}variant {name!r}: unknown key {unknown[0]!r} (known: algo, flags)")
+        if not _is(str)(v.get("algo")):
+            raise SweepError(
+                f"{where}variant {name!r}: 'algo' must be the name of a script or peer, not {v.get('algo')!r}"
+            )
+        if not (isinstance(v.get("flags", []), list) and all(map(_is(str), v.get("flags", [])))):
+            raise SweepError(f"{where}variant {name!r}: 'flags' must be a list of strings, not {v['flags']!r}")
+        if v["algo"] in variants:
+            raise SweepError(f"{where}variant {name!r}: its algo {v['algo']!r} is a variant (name a script or peer)")
+    try:
+        check_algos(sorted({v["algo"] for v in variants.values()}))
+    except SweepError as e:
+        raise SweepError(f"{where}a variant's algo: {e}") from None
 
 
 def peer_algos() -> tuple:
@@ -151,8 +211,10 @@ def algorithm_scripts() -> list:
     return sorted(p.stem for p in scripts if not p.name.startswith("_") and p.stem not in NOT_ALGORITHMS)
 
 
-def check_algos(algos: list) -> None:
-    """SweepError naming the algorithms that are neither a script of cleanrl_style/ nor a known peer sb3-{algo}."""
+def check_algos(algos: list, variants: "dict | None" = None) -> None:
+    """SweepError naming the algorithms that are neither a script of cleanrl_style/, a known peer sb3-{algo}, nor one
+    of the suite's `variants` (whose own algorithms check_variants checked)."""
+    algos = [a for a in algos if a not in (variants or {})]
     scripts = algorithm_scripts()
     ours = [a for a in algos if not a.startswith("sb3-") and a not in scripts]
     if ours:
@@ -173,9 +235,14 @@ def safe(name: str) -> str:
 
 @dataclass(frozen=True)
 class Run:
-    algo: str
+    algo: str  # the name in the suite's algos: an algorithm, or a variant
     env: str
     seed: int
+    base: str = field(default="", compare=False)  # the script or peer it runs (a variant's algorithm), "" if algo
+
+    @property
+    def script(self) -> str:
+        return self.base or self.algo
 
     @property
     def key(self) -> str:
@@ -193,13 +260,18 @@ def script_for(algo: str) -> Path:
 
 
 def command(run: Run, suite: Suite, out: Path) -> list:
-    cmd = [sys.executable, str(script_for(run.algo))]
-    if run.algo.startswith("sb3-"):
-        cmd += ["--algo", run.algo[4:]]
+    """The script's command: its algorithm's flags, then (a variant) --exp-name NAME, its flags and its [flags]."""
+    algo = suite.base(run.algo)
+    cmd = [sys.executable, str(script_for(algo))]
+    if algo.startswith("sb3-"):
+        cmd += ["--algo", algo[4:]]
     cmd += ["--env", run.env, "--seed", str(run.seed), "--no-progress", "--run-dir", str(out / "runs" / run.key)]
     if suite.total_timesteps is not None:
         cmd += ["--total-timesteps", str(suite.total_timesteps)]
-    cmd += list(suite.flags.get(run.algo, [])) + list(suite.flags.get(f"{run.algo}:{run.env}", []))
+    cmd += list(suite.flags.get(algo, [])) + list(suite.flags.get(f"{algo}:{run.env}", []))
+    if run.algo in suite.variants:
+        cmd += ["--exp-name", run.algo] + suite.variants[run.algo]["flags"]
+        cmd += list(suite.flags.get(run.algo, [])) + list(suite.flags.get(f"{run.algo}:{run.env}", []))
     return cmd
 
 
@@ -237,7 +309,7 @@ def write_status(out: Path, run: Run, status: dict) -> None:
 
 def checkpoint_of(run: Run, out: Path) -> "Path | None":
     """The newest checkpoint our script left in the run's directory (peers write none)."""
-    if run.algo.startswith("sb3-"):
+    if run.script.startswith("sb3-"):
         return None
     found = sorted((out / "runs" / run.key).rglob("*.pt"), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
@@ -350,6 +422,7 @@ def execute(run: Run, suite: Suite, out: Path) -> "dict | None":
         attempt = {"start_time": start, "seconds": None, "resumed_from": str(resume) if resume else None}
         status = {
             "algo": run.algo,
+            **({"variant_of": run.base} if run.base else {}),
             "env": run.env,
             "seed": run.seed,
             "command": cmd,
@@ -399,7 +472,8 @@ def log_tail(status: dict, lines: int = 8) -> str:
 
 def plan(suite: Suite, out: Path) -> tuple:
     """(every run, the finished ones, those made with other settings); reads only, SweepError on a broken file."""
-    runs = [Run(a, e, s) for a in suite.algos for e in suite.envs for s in suite.seeds]
+    bases = {a: suite.base(a) if a in suite.variants else "" for a in suite.algos}
+    runs = [Run(a, e, s, bases[a]) for a in suite.algos for e in suite.envs for s in suite.seeds]
     finished, superseded = [], []
     for r in runs:
         status = read_status(out, r)

@@ -4,7 +4,7 @@
     python benchmarks/peers/sb3.py --algo ppo --env HalfCheetah-v5       # SB3's defaults
 
 Takes the flags the benchmark harness gives every script (--env, --seed, --total-timesteps,
---run-dir, --eval-episodes, --no-progress) and writes runs/{env}__sb3-{algo}__{seed}__{unix_time}/
+--run-dir, --eval-episodes, --no-progress, --exp-name) and writes runs/{env}__sb3-{algo}__{seed}__{unix_time}/
 with charts/episodic_return and charts/episodic_length per finished episode, charts/SPS (env steps
 over the seconds of learn()) and eval/episodic_return (the deterministic policy at the end).
 Hyperparameters are SB3's defaults unless --zoo. Needs the peers extra: pip install -e ".[peers]".
@@ -47,6 +47,8 @@ class Args:
     """parallel environments (DummyVecEnv), overriding the defaults' or rl-zoo3's number"""
     n_steps: int | None = None
     """steps per environment per rollout (on-policy algorithms), overriding the defaults' or rl-zoo3's number"""
+    exp_name: str | None = None
+    """the run's name in its directory's name (default: sb3-{algo}); the harness gives a variant's name"""
 
 
 # rl-zoo3 hyperparams/ppo.yml, CartPole-v1 (lin_ = linear decay to 0 over the run)
@@ -141,7 +143,11 @@ def main(args: Args) -> int:
             return 2
         hp["n_steps"] = args.n_steps
     n_envs = args.n_envs or n_envs
-    run = Path(args.run_dir) / f"{args.env}__sb3-{args.algo}__{args.seed}__{int(time.time())}"
+    exp_name = args.exp_name if args.exp_name is not None else f"sb3-{args.algo}"
+    if exp_name in ("", ".", "..") or set("/\\").intersection(exp_name):
+        print(f"error: --exp-name must be a plain name without a path separator, got '{exp_name}'", file=sys.stderr)
+        return 2
+    run = Path(args.run_dir) / f"{args.env}__{exp_name}__{args.seed}__{int(time.time())}"
     writer = SummaryWriter(str(run))
     writer.add_text(
         "hyperparameters",
