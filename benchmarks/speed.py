@@ -238,10 +238,10 @@ def profile(args) -> str:
     main_end = next((i for i, line in enumerate(source, 1) if i > main_line and re.match(r"\S", line)), len(source))
     part_of, part = {}, "set-up"  # each line of main -> the "# ---- part ----" comment above it
     for i in range(main_line, main_end):
-        m = re.match(r"\s*# ---- (.+?)(?: ----|:|,|$)", source[i - 1])
+        m = re.match(r"\s*# ---- (.+?)(?: ----|:|$)", source[i - 1])
         part = m.group(1) if m else part
         part_of[i] = "end: checkpoint, evaluation" if "run.end(" in source[i - 1] else part
-    frame = re.compile(r"main \((?:.*/)?" + re.escape(script.name) + r":(\d+)\)")
+    frame = re.compile(r"(?:^|;)main \((?:[^;()]*/)?" + re.escape(script.name) + r":(\d+)\)")
     by_line, total = collections.Counter(), 0
     for record in raw.read_text().splitlines():
         stack, n = record.rsplit(" ", 1)
@@ -251,13 +251,17 @@ def profile(args) -> str:
     by_part = collections.Counter()
     for line, n in by_line.items():
         by_part["start-up and exit (outside main)" if line is None else part_of.get(line, "set-up")] += n
-    lines = ["| part of the run | share of samples |", "|---|---|"]
-    lines += [f"| {p} | {n / total:.1%} |" for p, n in by_part.most_common()]
-    lines += ["", f"| line of `{script.name}` | share | code |", "|---|---|---|"]
+    flags = args.command
+    steps = int(float(flags[flags.index("--total-timesteps") + 1])) if "--total-timesteps" in flags else None
+    per_step = (lambda n: f"{n / args.rate / steps * 1e6:,.0f}") if steps else (lambda n: "–")
+    lines = ["| part of the run | share of samples | us per env step |", "|---|---|---|"]
+    lines += [f"| {p} | {n / total:.1%} | {per_step(n)} |" for p, n in by_part.most_common()]
+    lines += ["", f"| line of `{script.name}` | share | us per env step | code |", "|---|---|---|---|"]
     for line, n in by_line.most_common(args.top):
         if line is not None:
-            lines.append(f"| {line} | {n / total:.1%} | `{source[line - 1].strip()[:90]}` |")
-    lines += ["", f"{total} samples at {args.rate} Hz."]
+            lines.append(f"| {line} | {n / total:.1%} | {per_step(n)} | `{source[line - 1].strip()[:90]}` |")
+    load = f"; load average {os.getloadavg()[0]:.1f} at the end"
+    lines += ["", f"{total} samples at {args.rate} Hz ({total / args.rate:.1f} s of wall time{load})."]
     return "\n".join(lines)
 
 
@@ -278,8 +282,10 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=20, help="profile: lines of main shown")
     parser.add_argument("--run-dir", type=Path, default=Path(tempfile.gettempdir()) / "speed_runs")
     parser.add_argument("--out", type=Path)
-    parser.add_argument("command", nargs="*", help="profile: the script and its flags, after --")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)  # profile: the script and its flags come after --
+    args = parser.parse_args(argv[:split])
+    args.command = argv[split + 1 :]
     args.env = args.env or ("CartPole-v1" if args.algo == "dqn" else "HalfCheetah-v5")
     args.steps = args.steps or (10_000 if args.algo == "dqn" else 20_000)
     if args.what == "profile" and not args.command:
