@@ -55,7 +55,7 @@ DQN_AS_SB3 = ["--no-double", "--n-step", "1", "--no-anneal-lr"]
 # gradient norm 0.5, constant learning rate, no advantage normalisation, log sigma 0 at the start
 A2C_AS_SB3 = ["--num-envs", "1", "--num-steps", "5", "--learning-rate", "7e-4", "--optimizer", "rmsprop",
               "--gae-lambda", "1.0", "--gamma", "0.99", "--vf-coef", "0.5", "--ent-coef", "0", "--max-grad-norm",
-              "0.5", "--no-anneal-lr", "--no-norm-adv"]  # fmt: skip
+              "0.5", "--no-anneal-lr", "--norm-adv", "False"]  # fmt: skip
 
 
 def run_timed(cmd: list, run_dir: Path, pattern: str, env_extra: dict | None = None) -> tuple:
@@ -97,7 +97,7 @@ def jobs_for(args) -> tuple[list, tuple]:
         name = "SB3 DQN, the same settings"
     else:
         continuous = not args.env.startswith(("CartPole", "Acrobot", "MountainCar-v"))
-        norm = ["--norm-obs", "--norm-reward", "--log-std-init", "0"] if continuous else []
+        norm = ["--norm-obs", "True", "--norm-reward", "True", "--log-std-init", "0"] if continuous else []
         same = ours + A2C_AS_SB3 + norm
         variants = [
             ("a2c.py, SB3's settings, --compile", same + ["--compile"]),
@@ -248,6 +248,8 @@ def profile(args) -> str:
         total += int(n)
         hits = frame.findall(stack)
         by_line[int(hits[-1]) if hits else None] += int(n)
+    if set(by_line) == {None}:
+        raise SystemExit(f"no sample inside main() of {script}: did the run fail? {' '.join(args.command)}")
     by_part = collections.Counter()
     for line, n in by_line.items():
         by_part["start-up and exit (outside main)" if line is None else part_of.get(line, "set-up")] += n
