@@ -238,7 +238,7 @@ def profile(args) -> str:
     main_end = next((i for i, line in enumerate(source, 1) if i > main_line and re.match(r"\S", line)), len(source))
     part_of, part = {}, "set-up"  # each line of main -> the "# ---- part ----" comment above it
     for i in range(main_line, main_end):
-        m = re.match(r"\s*# ---- (.+?)(?: ----|:|$)", source[i - 1])
+        m = re.match(r"\s*# ---- (.+?)(?: ----|:|,? \(|$)", source[i - 1])
         part = m.group(1) if m else part
         part_of[i] = "end: checkpoint, evaluation" if "run.end(" in source[i - 1] else part
     frame = re.compile(r"(?:^|;)main \((?:[^;()]*/)?" + re.escape(script.name) + r":(\d+)\)")

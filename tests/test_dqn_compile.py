@@ -146,12 +146,14 @@ def solved_at(run) -> "int | None":
     return next((steps[i] for i in range(19, len(R)) if R[i - 19 : i + 1].mean() >= 475), None)
 
 
-# Seed 1 at the defaults: solved at 19,367 steps eager and 18,993 with --compile (benchmarks/results/speed/).
+# Seed 5 at the defaults (30,000 steps: the budget sets the epsilon and learning-rate schedules, so it stays): solved
+# at 23,891 steps eager and at 20,736 with --compile (benchmarks/results/speed/dqn_cartpole_solve.md); each run about
+# 30 s on 2 cores when they are free, --compile's compilation included.
 @pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compile"])
 def test_the_same_seed_solves_cartpole_with_and_without_compile(compile_, tmp):
-    flags = ["--seed", "1", "--total-timesteps", "22000", "--eval-episodes", "0"] + (["--compile"] if compile_ else [])
+    flags = ["--seed", "5", "--eval-episodes", "0"] + (["--compile"] if compile_ else [])
     at = solved_at(train("dqn", tmp, *flags, timeout=1800))
-    assert at is not None and at <= 22_000, at
+    assert at is not None and at <= 30_000, at
 
 
 def test_every_variant_combines_with_compile_and_adams_state_is_checkpointed(tmp):
