@@ -23,6 +23,7 @@ Run (Double DQN with 3-step returns are the defaults):
     python cleanrl_style/dqn.py --env CartPole-v1 --no-double --n-step 1        (plain DQN: the notes' target)
     python cleanrl_style/dqn.py --env CartPole-v1 --dueling --prioritized      (all four variants)
     python cleanrl_style/dqn.py --env Acrobot-v1
+    python cleanrl_style/dqn.py --env CartPole-v1 --compile                    (the gradient step compiled: faster)
 """
 
 import copy
@@ -97,10 +98,13 @@ class Args(plumbing.RunArgs):  # the flags every script has (--env, --seed, --re
     """eps_p, added to |delta| so that no transition has zero priority"""
     n_step: int = 3
     """n, steps of the n-step return; 1-5"""
+    compile: bool = False
+    """torch.compile each gradient step (TD target, loss, gradient, clipping, Adam) into one program: the same
+    computation, faster after a one-off compilation of ~10-30 s"""
 
 
-# The hyperparameters printed at start: dqn's own flags, in the order of Args.
-COMMON = {f.name for f in dataclasses.fields(plumbing.RunArgs)}
+# The hyperparameters printed at start: dqn's own flags, in the order of Args (--compile changes the speed only).
+COMMON = {f.name for f in dataclasses.fields(plumbing.RunArgs)} | {"compile"}
 HYPERPARAMETERS = tuple(f.name for f in dataclasses.fields(Args) if f.name not in COMMON)
 LOG_EVERY = 250  # environment steps between two rows of charts/* and losses/* (and the last-good-state snapshot)
 
@@ -149,15 +153,13 @@ def linear_schedule(step: int, total: int, start: float, end: float, decay_fract
     return start + (end - start) * min(step / duration, 1.0)
 
 
-def epsilon_greedy(q_network: nn.Module, s: np.ndarray, epsilon: float, n_actions: int, rng, device) -> np.ndarray:
-    """a_t per env: argmax_a Q(s_t, a; theta) with probability 1 - epsilon, a uniform random action otherwise (the
-    network is not run when every env explores)."""
+def epsilon_greedy(greedy, s: np.ndarray, epsilon: float, n_actions: int, rng) -> np.ndarray:
+    """a_t per env: greedy(s_t) = argmax_a Q(s_t, a; theta) with probability 1 - epsilon, a uniform random action
+    otherwise (the network is not run when every env explores)."""
     explore = rng.random(len(s)) < epsilon
     a = rng.integers(n_actions, size=len(s))
     if not explore.all():
-        with torch.inference_mode():
-            greedy = q_network(torch.as_tensor(s, dtype=torch.float32, device=device)).argmax(-1)
-        a = np.where(explore, a, greedy.cpu().numpy())
+        a = np.where(explore, a, greedy(s))
     return a
 
 
@@ -176,6 +178,18 @@ def td_loss(Q_sa: torch.Tensor, y: torch.Tensor, kind: str, w: torch.Tensor | No
     else:
         l = (y - Q_sa) ** 2
     return l.mean() if w is None else (w * l).mean()
+
+
+def q_loss(q_network: nn.Module, target_network: nn.Module, args: Args, s, a, G, s_next, discount, w=None) -> tuple:
+    """L(theta) on a mini-batch, y from theta^- (Double: a' chosen by theta) with no gradient through it; returns
+    (L, the mean of Q(s_t, a_t; theta), delta = y - Q(s_t, a_t; theta) (B,), the TD errors PER's priorities follow).
+    w: PER's importance weights (B,), or None."""
+    with torch.no_grad():
+        Q_next_online = q_network(s_next) if args.double else None
+        y = td_target(G, discount, target_network(s_next), Q_next_online)
+    Q_sa = q_network(s).gather(-1, a[:, None]).squeeze(-1)
+    loss = td_loss(Q_sa, y, args.loss, w)
+    return loss, Q_sa.detach().mean(), (y - Q_sa).detach()
 
 
 def gradient_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, network: nn.Module, max_grad_norm: float):
@@ -404,6 +418,8 @@ def main(args: Args, stop: plumbing.StopSignal | None = None) -> int:
         plumbing.restore(ckpt, model=q_network, target_model=target_network, optimizer=optimizer, replay_buffer=rb)
         global_step, grad_steps, target_updates = ckpt["global_step"], ckpt["grad_steps"], ckpt["target_updates"]
         print(f"resumed {args.resume} at global step {global_step} with {rb.size} transitions in the buffer")
+    greedy = plumbing.GreedyQ(q_network)  # argmax_a Q(s, a; theta) in numpy, on theta's own memory (speed only)
+    update_step = compiled_update_step(q_network, target_network, optimizer, args) if args.compile else None
     rng = np.random.default_rng([args.seed, global_step])  # epsilon-greedy and the mini-batches
 
     def state() -> dict:  # what a checkpoint holds of the run: of the buffer, its fill level (with_buffer adds it)
@@ -429,7 +445,7 @@ def main(args: Args, stop: plumbing.StopSignal | None = None) -> int:
                 # ---- act epsilon-greedily, step the envs, store the n-step transitions ----
                 epsilon = linear_schedule(global_step, total, args.epsilon_start, args.epsilon_end,
                                           args.epsilon_decay_fraction)  # fmt: skip
-                a = epsilon_greedy(q_network, s, epsilon, n_actions, rng, device)
+                a = epsilon_greedy(greedy, s, epsilon, n_actions, rng)
                 next_obs, r, term, trunc, infos = envs.step(a)
                 global_step += N
                 run.episodes(r, term | trunc, global_step)
@@ -445,27 +461,27 @@ def main(args: Args, stop: plumbing.StopSignal | None = None) -> int:
                 per_beta = linear_schedule(global_step, total, args.per_beta, 1.0, 1.0)
                 for _ in range(due):
                     idx, w = rb.sample(args.batch_size, rng, per_beta)
-                    b_s, b_a, b_G, b_s_next, b_discount = rb.batch(idx, device)
-                    with torch.no_grad():  # y from theta^- (Double: a' chosen by theta)
-                        Q_next_online = q_network(b_s_next) if args.double else None
-                        y = td_target(b_G, b_discount, target_network(b_s_next), Q_next_online)
-                    Q_sa = q_network(b_s).gather(-1, b_a[:, None]).squeeze(-1)
-                    loss = td_loss(Q_sa, y, args.loss, torch.as_tensor(w, device=device) if args.prioritized else None)
+                    batch = rb.batch(idx, device) + (torch.as_tensor(w, device=device) if args.prioritized else None,)
+                    if args.compile:  # the loss and the step below in one compiled program (taken there, or not)
+                        loss, Q_mean, delta = update_step(*batch)
+                    else:
+                        loss, Q_mean, delta = q_loss(q_network, target_network, args, *batch)
                     if not torch.isfinite(loss):
                         raise RunFault(f"non-finite TD loss {loss.item()} at global step {global_step}")
-                    gradient_step(optimizer, loss, q_network, args.max_grad_norm)
+                    if not args.compile:
+                        gradient_step(optimizer, loss, q_network, args.max_grad_norm)
                     grad_steps += 1
                     if args.prioritized:
-                        delta = (y - Q_sa).detach().cpu().numpy()
-                        rb.update_priorities(idx, per_priority(delta, args.per_eps, args.per_alpha))
+                        rb.update_priorities(idx, per_priority(delta.cpu().numpy(), args.per_eps, args.per_alpha))
                     losses.append(loss.item())
-                    q_means.append(Q_sa.mean().item())
+                    q_means.append(Q_mean.item())
 
                 # ---- target network: every --target-network-frequency env steps, apart from the train check ----
                 if grad_steps > 0 and every(global_step - N, global_step, args.target_network_frequency):
                     update_target(target_network, q_network, args.tau)
                     target_updates += 1
 
+            # ---- after the block: theta checked, the block logged and kept as the last good state ----
             if not plumbing.all_finite(q_network):  # a finite loss can still step to inf or NaN (a huge learning rate)
                 raise RunFault(f"non-finite parameters after the gradient steps up to global step {global_step}")
             scalars = {"charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/epsilon": epsilon,
@@ -516,6 +532,13 @@ def networks_and_buffer(args: Args, obs_dim: int, n_actions: int, device: torch.
     """Q(.; theta), its copy Q(.; theta^-) and the empty replay buffer."""
     q_network = QNetwork(obs_dim, n_actions, args.hidden_size, args.dueling).to(device)
     return q_network, copy.deepcopy(q_network), ReplayBuffer(args.buffer_size, obs_dim, args.prioritized)
+
+
+def compiled_update_step(q_network: nn.Module, target_network: nn.Module, optimizer: torch.optim.Adam, args: Args):
+    """--compile: q_loss (theta^- and, with --double, theta under no_grad for y), its backward pass, the gradient
+    clipping and Adam's step as one compiled program (plumbing.compiled_step)."""
+    loss = lambda module, *batch: q_loss(module, target_network, args, *batch)  # noqa: E731
+    return plumbing.compiled_step(q_network, optimizer, loss, args.max_grad_norm)
 
 
 def evaluate(

@@ -16,11 +16,11 @@ for the rest, in a few visible calls:
     return run.end(envs)                                           # checkpoint, final evaluation, exit status
 
 What lives here, top to bottom: errors and checks of the command line; the flags every script shares (RunArgs);
-environments and their spaces; observation/reward statistics; the numpy rollout policy and the compiled update
-step (speed); checkpoints and --resume; the run directory, TensorBoard, signals and the progress bar (Run); the
-deterministic evaluation; the tabular scripts' shared parts (Discretizer, env, greedy evaluation, policy picture);
-the command-line wrapper (cli). It imports no algorithm script: a script hands it what it needs (its name, its
-Args, its evaluate function, a function returning its state).
+environments and their spaces; observation/reward statistics; the numpy rollout policy, the numpy greedy Q and the
+compiled gradient step (speed); checkpoints and --resume; the run directory, TensorBoard, signals and the progress
+bar (Run); the deterministic evaluation; the tabular scripts' shared parts (Discretizer, env, greedy evaluation,
+policy picture); the command-line wrapper (cli). It imports no algorithm script: a script hands it what it needs
+(its name, its Args, its evaluate function, a function returning its state).
 
 To copy an algorithm out of this repository, copy its script together with this file.
 """
@@ -463,39 +463,139 @@ class RolloutPolicy:
         return out + self.std * z, (-0.5 * z**2 - self.log_std - np.float32(0.5 * LOG_2PI)).sum(-1), self.value(s)
 
 
+class GreedyQ:
+    """argmax_a Q(s, a; theta) in numpy, for acting epsilon-greedily: dqn.py's QNetwork (a `torso` of Linear and
+    ReLU, then a `head`, or with `dueling` a `V` and an `A` stream, each Linear, ReLU, Linear) run on numpy views of
+    theta's own memory, so that it follows every gradient step (the optimisers and compiled_step write theta in
+    place) with nothing to copy or refresh.
+
+    It replaces `q_network(torch.as_tensor(s)).argmax(-1)` under torch.inference_mode(), which costs ~25 us per call
+    for one observation here against ~7 us in numpy; the Q-values agree with torch's to float32 rounding and the test
+    checks that the greedy actions are the same. A network on another device than the CPU is run in torch."""
+
+    def __init__(self, q_network: nn.Module):
+        self.q_network = q_network
+        self.on_cpu = all(p.device.type == "cpu" for p in q_network.parameters())
+        if not self.on_cpu:
+            return
+
+        def layers(net: nn.Sequential) -> list:  # [(W (out, in), b, followed by a ReLU?)]: views, not copies
+            mods = list(net) + [None]
+            return [
+                (m.weight.detach().numpy(), m.bias.detach().numpy(), isinstance(after, nn.ReLU))
+                for m, after in zip(mods, mods[1:])
+                if isinstance(m, nn.Linear)
+            ]
+
+        self.torso = layers(q_network.torso)
+        self.streams = [layers(q_network.V), layers(q_network.A)] if q_network.dueling else [layers(q_network.head)]
+
+    @staticmethod
+    def forward(x: np.ndarray, layers: list) -> np.ndarray:
+        for W, b, relu in layers:
+            x = x @ W.T + b
+            if relu:
+                x = np.maximum(x, 0.0)
+        return x
+
+    def q_values(self, s: np.ndarray) -> np.ndarray:
+        """Q(s, .; theta), (N, |A|); dueling: V(s) + A(s, a) - (1/|A|) sum_a' A(s, a')."""
+        h = self.forward(np.asarray(s, np.float32), self.torso)
+        if len(self.streams) == 1:
+            return self.forward(h, self.streams[0])
+        V, A = (self.forward(h, stream) for stream in self.streams)
+        return V + A - A.mean(-1, keepdims=True)
+
+    def __call__(self, s: np.ndarray) -> np.ndarray:
+        """argmax_a Q(s, a; theta) per row of s (N, obs_dim): (N,) int64, the first maximum on ties as torch's."""
+        if not self.on_cpu:
+            device = next(self.q_network.parameters()).device
+            with torch.inference_mode():
+                return self.q_network(torch.as_tensor(s, dtype=torch.float32, device=device)).argmax(-1).cpu().numpy()
+        return self.q_values(s).argmax(-1)
+
+
+class CompiledStep:
+    """--compile: one gradient step as one compiled program (made by compiled_step). step(*batch) returns the loss
+    function's outputs; step.grad_norm is the global gradient norm of that step, before clipping."""
+
+    def __init__(self, compiled: Callable, lr: torch.Tensor, group: dict):
+        self.compiled, self.lr, self.group = compiled, lr, group
+        self.grad_norm = None
+
+    def __call__(self, *batch):
+        self.lr.fill_(self.group["lr"])  # the learning rate is a tensor input: annealing it does not recompile
+        outputs, self.grad_norm = self.compiled(self.lr, *batch)
+        return outputs
+
+
+def _optimizer_update(optimizer: torch.optim.Optimizer) -> tuple[Callable, tuple[str, ...]]:
+    """The update rule of `optimizer` written out as torch computes it, and the names of its state tensors: Adam
+    (torch.optim.Adam, fused or not: the same arithmetic) or RMSprop (no momentum, not centred). Refuses the options
+    the rule does not write out (weight decay, amsgrad, maximize, momentum, centred)."""
+    group = optimizer.param_groups[0]
+    if isinstance(optimizer, torch.optim.Adam):
+        if group["weight_decay"] or group["amsgrad"] or group["maximize"]:
+            raise ValueError("compiled_step writes out Adam without weight decay, amsgrad or maximize")
+        (beta1, beta2), eps = group["betas"], group["eps"]
+
+        def adam(w, g, st, t, lr):  # m <- lerp(m, g, 1 - beta1), v <- beta2 v + (1 - beta2) g^2, bias-corrected step
+            m = st["exp_avg"].lerp(g, 1.0 - beta1)
+            v = st["exp_avg_sq"] * beta2 + (1.0 - beta2) * g * g
+            denom = (v.sqrt() / (1.0 - beta2**t).sqrt()) + eps
+            return w - (lr / (1.0 - beta1**t)) * m / denom, {"exp_avg": m, "exp_avg_sq": v}
+
+        return adam, ("exp_avg", "exp_avg_sq")
+    if isinstance(optimizer, torch.optim.RMSprop):
+        if group["weight_decay"] or group["momentum"] or group["centered"] or group["maximize"]:
+            raise ValueError("compiled_step writes out RMSprop without weight decay, momentum, centring or maximize")
+        alpha, eps = group["alpha"], group["eps"]
+
+        def rmsprop(w, g, st, t, lr):  # E[g^2] <- alpha E[g^2] + (1 - alpha) g^2, w <- w - lr g / (sqrt(E[g^2]) + eps)
+            square_avg = st["square_avg"] * alpha + (1.0 - alpha) * g * g
+            return w - lr * g / (square_avg.sqrt() + eps), {"square_avg": square_avg}
+
+        return rmsprop, ("square_avg",)
+    raise ValueError(f"compiled_step writes out Adam and RMSprop, not {type(optimizer).__name__}")
+
+
 def compiled_step(
     module: nn.Module,
-    optimizer: torch.optim.Adam,
+    optimizer: torch.optim.Optimizer,
     loss_fn: Callable,
     max_grad_norm: float,
     accept: Callable | None = None,
-) -> Callable:
-    """--compile: one mini-batch step as one compiled program. It replaces, in the eager loop,
+) -> CompiledStep:
+    """--compile: one gradient step as one compiled program, for every script that has the flag (ppo's mini-batch
+    step, a2c's step on the rollout, dqn's step on a replay mini-batch). It replaces, in the eager loop,
 
         outputs = loss_fn(module, *batch)        # (loss, *diagnostics)
         optimizer.zero_grad(); loss.backward()
         nn.utils.clip_grad_norm_(module.parameters(), max_grad_norm)   # when max_grad_norm > 0
-        optimizer.step()
+        optimizer.step()                                                # Adam or RMSprop
 
-    with the loss, its gradient (torch.func), the global gradient norm clipping and Adam's step written out, in
-    place on the module's parameters and on the optimizer's own state tensors, so that checkpoints and resuming
-    see the same state. The step is left untaken (parameters and Adam's state as they were) when the loss is not
-    finite or when accept(outputs), a boolean tensor, is false. Returns step(*batch) -> outputs.
-    The test of this function checks it step by step against the eager path."""
+    with the loss, its gradient (torch.func), the global gradient norm clipping and the optimiser's step written out,
+    in place on the module's parameters and on the optimizer's own state tensors, so that checkpoints and resuming
+    see the same state. loss_fn may use other modules (dqn's target network) and torch.no_grad() inside: no
+    gradient flows there, as in the eager loop. The step is left untaken (parameters and optimiser state as they
+    were) when the loss is not finite or when accept(outputs), a boolean tensor, is false. Returns a CompiledStep:
+    step(*batch) -> outputs, and step.grad_norm. The tests of this function check it step by step against the eager
+    path, for each script and optimiser."""
     names = [name for name, _ in module.named_parameters()]
     params = [p for _, p in module.named_parameters()]
     weights = [p.detach() for p in params]  # the same storage, outside autograd: the step writes into them
-    for p in params:  # Adam's state as torch's (fused) Adam starts it, unless a checkpoint loaded one
-        if not optimizer.state[p]:
-            optimizer.state[p] = {
-                "step": torch.zeros((), dtype=torch.float32, device=p.device),
-                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-            }
-    state = [optimizer.state[p] for p in params]
     group = optimizer.param_groups[0]
-    (beta1, beta2), eps = group["betas"], group["eps"]
-    lr = torch.zeros((), device=params[0].device)  # a tensor, so that annealing it does not recompile
+    update, state_names = _optimizer_update(optimizer)
+    for p in params:  # the optimiser's state as torch starts it, unless a checkpoint loaded one
+        if not optimizer.state[p]:
+            on_device = group.get("fused") or group.get("capturable")  # else torch keeps the step count on the CPU
+            step_device = p.device if on_device else torch.device("cpu")
+            optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=step_device)}
+            optimizer.state[p].update(
+                {k: torch.zeros_like(p, memory_format=torch.preserve_format) for k in state_names}
+            )
+    state = [optimizer.state[p] for p in params]
+    lr = torch.zeros((), device=params[0].device)
 
     class Loss(nn.Module):  # torch.func.functional_call runs a module's forward with given weights: the loss's
         def __init__(self):
@@ -518,30 +618,20 @@ def compiled_step(
         take = torch.isfinite(outputs[0])
         if accept is not None:
             take = take & accept(outputs)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         if max_grad_norm > 0:  # clip_grad_norm_: scale all gradients so that their joint norm is at most the bound
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             grads = [g * torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0) for g in grads]
         with torch.no_grad():
-            for w, g, st in zip(weights, grads, state):  # Adam, as torch.optim.Adam computes it
-                m, v, t = st["exp_avg"], st["exp_avg_sq"], st["step"]
-                t_new = t + take.float()
-                m_new = m.lerp(g, 1.0 - beta1)
-                v_new = v * beta2 + (1.0 - beta2) * g * g
-                denom = (v_new.sqrt() / (1.0 - beta2**t_new).sqrt()) + eps
-                w_new = w - (lr / (1.0 - beta1**t_new)) * m_new / denom
+            for w, g, st in zip(weights, grads, state):
+                t = st["step"] + take.float()
+                w_new, st_new = update(w, g, st, t, lr)
                 w.copy_(torch.where(take, w_new, w))
-                m.copy_(torch.where(take, m_new, m))
-                v.copy_(torch.where(take, v_new, v))
-                t.copy_(t_new)
-        return outputs
+                for k, v in st_new.items():
+                    st[k].copy_(torch.where(take, v, st[k]))
+                st["step"].copy_(t)
+        return outputs, norm
 
-    compiled = torch.compile(step)
-
-    def run(*batch):
-        lr.fill_(group["lr"])
-        return compiled(lr, *batch)
-
-    return run
+    return CompiledStep(torch.compile(step), lr, group)
 
 
 def explained_variance(V: np.ndarray, G: np.ndarray) -> float:

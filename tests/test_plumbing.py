@@ -206,3 +206,24 @@ def test_small_math_held_by_several_scripts_is_the_same_text_in_each(name):
     first, *others = SHARED_BY_DESIGN[name]
     for script in others:
         assert definition(script, name) == definition(first, name), f"{name}: {script}.py differs from {first}.py"
+
+
+# ---- the compiled gradient step: the optimisers it writes out ----
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        lambda p: torch.optim.Adam(p, lr=0.1, weight_decay=0.01),
+        lambda p: torch.optim.RMSprop(p, lr=0.1, momentum=0.9),
+        lambda p: torch.optim.RMSprop(p, lr=0.1, centered=True),
+    ],
+    ids=["sgd", "adam-weight-decay", "rmsprop-momentum", "rmsprop-centred"],
+)
+def test_compiled_step_refuses_an_optimiser_it_does_not_write_out(make):
+    """compiled_step writes Adam and RMSprop out by hand: any other rule, or an option the hand-written rule leaves
+    out, is refused at once rather than stepped with the wrong arithmetic."""
+    module = torch.nn.Linear(3, 1)
+    with pytest.raises(ValueError, match="compiled_step writes out"):
+        plumbing.compiled_step(module, make(module.parameters()), lambda m, x: (m(x).sum(),), 1.0)

@@ -10,6 +10,7 @@ over the seconds of learn()) and eval/episodic_return (the deterministic policy 
 Hyperparameters are SB3's defaults unless --zoo. Needs the peers extra: pip install -e ".[peers]".
 """
 
+import ast
 import sys
 import time
 from dataclasses import dataclass
@@ -49,6 +50,12 @@ class Args:
     """steps per environment per rollout (on-policy algorithms), overriding the defaults' or rl-zoo3's number"""
     exp_name: str | None = None
     """the run's name in its directory's name (default: sb3-{algo}); the harness gives a variant's name"""
+    hp: tuple[str, ...] = ()
+    """more hyperparameters of the SB3 algorithm as NAME=VALUE, VALUE a Python literal, applied last (for example
+    --hp batch_size=64 train_freq=1 "policy_kwargs={'net_arch': [128, 128]}")"""
+    sps_every: int = 0
+    """also log charts/SPS every this many env steps while learning (0: once, at the end), so that a benchmark can
+    read the steady rate between two points of the run"""
 
 
 # rl-zoo3 hyperparams/ppo.yml, CartPole-v1 (lin_ = linear decay to 0 over the run)
@@ -143,6 +150,15 @@ def main(args: Args) -> int:
             return 2
         hp["n_steps"] = args.n_steps
     n_envs = args.n_envs or n_envs
+    for item in args.hp:
+        name, eq, text = item.partition("=")
+        try:
+            hp[name] = ast.literal_eval(text)
+        except (SyntaxError, ValueError):
+            eq = ""
+        if not eq or not name.isidentifier():
+            print(f"error: --hp takes NAME=VALUE with VALUE a Python literal, got '{item}'", file=sys.stderr)
+            return 2
     exp_name = args.exp_name if args.exp_name is not None else f"sb3-{args.algo}"
     if exp_name in ("", ".", "..") or set("/\\").intersection(exp_name):
         print(f"error: --exp-name must be a plain name without a path separator, got '{exp_name}'", file=sys.stderr)
@@ -153,11 +169,15 @@ def main(args: Args) -> int:
         "hyperparameters",
         f"SB3 {args.algo}, {'rl-zoo3' if args.zoo else 'defaults'}: "
         f"{ZOO.get((args.algo, args.env)) if args.zoo else {}}"
-        + (f"; overridden: n_envs={args.n_envs}, n_steps={args.n_steps}" if args.n_envs or args.n_steps else ""),
+        + (f"; overridden: n_envs={args.n_envs}, n_steps={args.n_steps}" if args.n_envs or args.n_steps else "")
+        + (f"; --hp: {', '.join(args.hp)}" if args.hp else ""),
     )
 
     class Log(BaseCallback):
         def _on_step(self) -> bool:
+            every, step = args.sps_every, self.num_timesteps
+            if every and step // every > (step - n_envs) // every:  # a multiple of --sps-every passed in this step
+                writer.add_scalar("charts/SPS", step / (time.time() - t0), step)
             for info in self.locals["infos"]:
                 if "episode" in info:
                     writer.add_scalar("charts/episodic_return", info["episode"]["r"], self.num_timesteps)
