@@ -94,7 +94,7 @@ class Args(plumbing.RunArgs):  # the flags every script has (--env, --seed, --re
 # damping 1e-3 gave full steps whose true KL was 2-15 delta (a backtrack on most updates) and 475 after ~90k steps;
 # damping 0.1, 20 critic epochs and reward scaling take every full step and reach 475 in ~25k steps (seeds 1, 2),
 # staying at 500. Continuous: Tianshou's MuJoCo TRPO settings (its benchmark's examples/mujoco/mujoco_trpo.py, our
-# reward scaling kept where it scales the critic's targets; measured with a suite since folded into `presets`): 16 envs x 64 steps,
+# reward scaling kept where it scales the critic's targets): 16 envs x 64 steps,
 # the critic trained by 20 full-batch Adam steps per update at 1e-3 annealed to 0, log sigma -0.5 at the start; 25 CG
 # iterations, damping 0.1, normalised observations and rewards. At 1M steps (3 seeds) they beat rl-zoo3's settings,
 # the defaults until then (--preset rl-zoo3), on HalfCheetah-v5, Hopper-v5 and Walker2d-v5
