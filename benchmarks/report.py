@@ -184,7 +184,7 @@ def fmt_ci(values: list) -> str:
     return f"{iqm(values):.1f} [{lo:.1f}, {hi:.1f}]"
 
 
-def draw_mean(ax, grid: np.ndarray, curves: np.ndarray, label: str) -> None:
+def draw_mean(ax, grid: np.ndarray, curves: np.ndarray, label: str, color=None) -> None:
     """The mean over seeds of curves on a common grid (NaN where a seed has no value: before its first episode, after
     its end). Solid where every seed has a value, with a 95% bootstrap band from MIN_BAND seeds on; dashed where only
     some do (the mean over the seeds still running: in seconds, seeds end at different times)."""
@@ -196,7 +196,7 @@ def draw_mean(ax, grid: np.ndarray, curves: np.ndarray, label: str) -> None:
     mean = np.full(len(grid), np.nan)
     mean[some] = np.where(present, curves, 0.0).sum(0)[some] / count[some]
     full = count == len(curves)
-    (line,) = ax.plot(grid, np.where(full, mean, np.nan), label=label)
+    (line,) = ax.plot(grid, np.where(full, mean, np.nan), label=label, color=color)
     if (some & ~full).any():
         # the dashed part joins the solid one: the grid points next to a solid point are drawn in both
         edge = some & ~full
@@ -225,13 +225,15 @@ def figure(env: str, by_algo: dict, path: Path, csv_rows: list) -> None:
                 x_max = max(x_max, float(x[-1]))
             series[algo] = per_seed
         grid = np.linspace(0, x_max, GRID)
-        for algo, per_seed in series.items():
+        # more curves than matplotlib's 10 default colours (a suite with variants): 20 distinct ones
+        colors = plt.get_cmap("tab20").colors if len(series) > 10 else [None] * len(series)
+        for (algo, per_seed), color in zip(series.items(), colors):
             curves = np.array([on_grid(x, y, grid) for x, y, _ in per_seed])
             if xkey == "steps":
                 for (_, _, seed), curve in zip(per_seed, curves):
                     csv_rows.extend((env, algo, seed, int(g), v) for g, v in zip(grid, curve) if np.isfinite(v))
             partial |= bool((np.isfinite(curves).any(0) & ~np.isfinite(curves).all(0)).any())
-            draw_mean(ax, grid, curves, f"{algo} ({seeds_label(len(per_seed))})")
+            draw_mean(ax, grid, curves, f"{algo} ({seeds_label(len(per_seed))})", color)
         ax.set_xlabel("environment steps" if xkey == "steps" else "wall-clock seconds (whole process)")
         ax.set_ylabel(f"episodic return (mean of last {WINDOW})")
         ax.grid(alpha=0.3)
