@@ -86,7 +86,7 @@ class Args(plumbing.RunArgs):  # the flags every script has (--env, --seed, --re
     """log sigma of the Gaussian policy at the start, continuous actions (default: -0.5, sigma = 0.61)"""
     compile: bool = False
     """torch.compile the gradient step (loss, gradient, clipping, optimiser) into one program: the same computation,
-    faster after a one-off compilation of ~10-30 s"""
+    faster after a one-off compilation of ~10-60 s"""
 
 
 # Defaults by action space: (discrete, continuous). Discrete: chosen by measurement on CartPole-v1 (see the README and

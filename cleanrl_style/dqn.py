@@ -100,7 +100,7 @@ class Args(plumbing.RunArgs):  # the flags every script has (--env, --seed, --re
     """n, steps of the n-step return; 1-5"""
     compile: bool = False
     """torch.compile each gradient step (TD target, loss, gradient, clipping, Adam) into one program: the same
-    computation, faster after a one-off compilation of ~10-30 s"""
+    computation, faster after a one-off compilation of ~10-60 s"""
 
 
 # The hyperparameters printed at start: dqn's own flags, in the order of Args (--compile changes the speed only).
