@@ -21,6 +21,7 @@ markdown table; --out also writes it (with the command, the date and the machine
 """
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -175,14 +176,14 @@ def minibatch(args) -> str:
             step_fn()
 
     def whole_step_epoch(update_step) -> None:
-        """The same epoch with --compile's compiled_update_step (loss, gradient, clipping and Adam in one program)."""
+        """The same epoch with ppo.gradient_step with --compile (loss, gradient, clipping and Adam in one program)."""
         perm = torch.randperm(n)
         for start in range(0, n, B):
             mb = perm[start : start + B]
             update_step(s[mb], a[mb], logp_old[mb], A_hat[mb], G[mb], V_old[mb], head_old[mb], beta)
 
     compiled_loss = torch.compile(ppo.minibatch_loss)  # both compile at their first call
-    update_step = ppo.compiled_update_step(agent, optimizer, run_args)
+    update_step = ppo.gradient_step(agent, optimizer, dataclasses.replace(run_args, compile=True))
     rows = []
     for name, run_epoch in [
         ("eager (ppo.py)", lambda: epoch(ppo.minibatch_loss, clip_and_step)),

@@ -265,7 +265,7 @@ def main(args: Args, stop: plumbing.StopSignal | None = None) -> int:
         plumbing.restore(ckpt, model=agent, optimizer=optimizer, obs_rms=obs_rms, ret_rms=ret_rms)
         global_step, iteration = ckpt["global_step"], ckpt["iteration"]
         print(f"resumed {args.resume} at global step {global_step}")
-    update_step = compiled_update_step(agent, optimizer, args) if args.compile else None  # speed only
+    update_step = gradient_step(agent, optimizer, args)  # the loss, then one step of the optimiser
 
     def state() -> dict:  # what a checkpoint holds of the run (plumbing adds the format, algorithm, env id and args)
         return {"global_step": global_step, "iteration": iteration, "model": agent.state_dict(),
@@ -333,20 +333,10 @@ def main(args: Args, stop: plumbing.StopSignal | None = None) -> int:
 
             # ---- update: one gradient step on the whole rollout (pi_theta = pi_old here, so rho = 1) ----
             batch = (b_obs, b_actions, b_A, b_G)
-            if args.compile:  # the loss and the step below in one compiled program (taken there, or not)
-                loss, pg_loss, v_loss, head = update_step(*batch)
-            else:
-                loss, pg_loss, v_loss, head = a2c_loss(agent, args, *batch)
-            if not torch.isfinite(loss):
+            loss, pg_loss, v_loss, head = update_step(*batch)  # theta <- the optimiser's step on grad L
+            if not torch.isfinite(loss):  # (the step was not taken)
                 losses = f"policy {pg_loss.item()}, value {v_loss.item()}"
                 raise RunFault(f"non-finite loss at global step {global_step} ({losses})")
-            if args.compile:
-                grad_norm = update_step.grad_norm
-            else:
-                optimizer.zero_grad()
-                loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm or math.inf)
-                optimizer.step()
             if not plumbing.all_finite(agent):  # a finite loss can still step to inf or NaN (a huge learning rate)
                 raise RunFault(f"non-finite parameters after the update at global step {global_step}")
 
@@ -361,7 +351,7 @@ def main(args: Args, stop: plumbing.StopSignal | None = None) -> int:
                 run.update_done(global_step, {
                     "charts/learning_rate": optimizer.param_groups[0]["lr"], "losses/policy_loss": pg_loss.item(),
                     "losses/value_loss": v_loss.item(), "losses/entropy": entropy.item(), "losses/kl_exact": d,
-                    "losses/grad_norm": grad_norm.item(),
+                    "losses/grad_norm": update_step.grad_norm.item(),
                     "losses/explained_variance": plumbing.explained_variance(values.ravel(), G.ravel()),
                 })  # fmt: skip
     return run.end(envs)
@@ -390,11 +380,12 @@ def resolve_args(args: Args, discrete: bool) -> Args:
     return args
 
 
-def compiled_update_step(agent: Agent, optimizer: torch.optim.Optimizer, args: Args):
-    """--compile: a2c_loss, its backward pass, the gradient clipping and the optimiser's step (RMSprop or Adam) as one
-    compiled program (plumbing.compiled_step)."""
+def gradient_step(agent: Agent, optimizer: torch.optim.Optimizer, args: Args):
+    """update_step(*rollout): a2c_loss, then theta <- the optimiser's step (RMSprop or Adam) on its gradient, the
+    global norm clipped to --max-grad-norm (update_step.grad_norm: the norm before clipping). The step (plumbing's)
+    is torch's loop, or with --compile the same step as one compiled program; not taken on a non-finite loss."""
     loss = lambda module, *batch: a2c_loss(module, args, *batch)  # noqa: E731
-    return plumbing.compiled_step(agent, optimizer, loss, args.max_grad_norm)
+    return plumbing.make_gradient_step(agent, optimizer, loss, args.max_grad_norm, args.compile)
 
 
 def evaluate(ckpt: dict, episodes: int, seed: int, *more, **kw) -> np.ndarray:

@@ -99,8 +99,7 @@ class Args(plumbing.RunArgs):  # the flags every script has (--env, --seed, --re
     n_step: int = 3
     """n, steps of the n-step return; 1-5"""
     compile: bool = False
-    """torch.compile each gradient step (TD target, loss, gradient, clipping, Adam) into one program: the same
-    computation, faster after a one-off compilation of ~10-60 s"""
+    """torch.compile each gradient step into one program: the same computation, faster after a one-off ~10-60 s"""
 
 
 # The hyperparameters printed at start: dqn's own flags, in the order of Args (--compile changes the speed only).
@@ -190,15 +189,6 @@ def q_loss(q_network: nn.Module, target_network: nn.Module, args: Args, s, a, G,
     Q_sa = q_network(s).gather(-1, a[:, None]).squeeze(-1)
     loss = td_loss(Q_sa, y, args.loss, w)
     return loss, Q_sa.detach().mean(), (y - Q_sa).detach()
-
-
-def gradient_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, network: nn.Module, max_grad_norm: float):
-    """theta <- Adam's step on grad L(theta), the global gradient norm clipped to max_grad_norm (0: not clipped)."""
-    optimizer.zero_grad()
-    loss.backward()
-    if max_grad_norm > 0:
-        nn.utils.clip_grad_norm_(network.parameters(), max_grad_norm)
-    optimizer.step()
 
 
 def update_target(target_network: nn.Module, q_network: nn.Module, tau: float) -> None:
@@ -419,7 +409,7 @@ def main(args: Args, stop: plumbing.StopSignal | None = None) -> int:
         global_step, grad_steps, target_updates = ckpt["global_step"], ckpt["grad_steps"], ckpt["target_updates"]
         print(f"resumed {args.resume} at global step {global_step} with {rb.size} transitions in the buffer")
     greedy = plumbing.GreedyQ(q_network)  # argmax_a Q(s, a; theta) in numpy, on theta's own memory (speed only)
-    update_step = compiled_update_step(q_network, target_network, optimizer, args) if args.compile else None
+    update_step = gradient_step(q_network, target_network, optimizer, args)  # L(theta), then one step of Adam
     rng = np.random.default_rng([args.seed, global_step])  # epsilon-greedy and the mini-batches
 
     def state() -> dict:  # what a checkpoint holds of the run: of the buffer, its fill level (with_buffer adds it)
@@ -462,14 +452,9 @@ def main(args: Args, stop: plumbing.StopSignal | None = None) -> int:
                 for _ in range(due):
                     idx, w = rb.sample(args.batch_size, rng, per_beta)
                     batch = rb.batch(idx, device) + (torch.as_tensor(w, device=device) if args.prioritized else None,)
-                    if args.compile:  # the loss and the step below in one compiled program (taken there, or not)
-                        loss, Q_mean, delta = update_step(*batch)
-                    else:
-                        loss, Q_mean, delta = q_loss(q_network, target_network, args, *batch)
-                    if not torch.isfinite(loss):
+                    loss, Q_mean, delta = update_step(*batch)  # theta <- Adam's step on grad L(theta)
+                    if not torch.isfinite(loss):  # (the step was not taken)
                         raise RunFault(f"non-finite TD loss {loss.item()} at global step {global_step}")
-                    if not args.compile:
-                        gradient_step(optimizer, loss, q_network, args.max_grad_norm)
                     grad_steps += 1
                     if args.prioritized:
                         rb.update_priorities(idx, per_priority(delta.cpu().numpy(), args.per_eps, args.per_alpha))
@@ -534,11 +519,12 @@ def networks_and_buffer(args: Args, obs_dim: int, n_actions: int, device: torch.
     return q_network, copy.deepcopy(q_network), ReplayBuffer(args.buffer_size, obs_dim, args.prioritized)
 
 
-def compiled_update_step(q_network: nn.Module, target_network: nn.Module, optimizer: torch.optim.Adam, args: Args):
-    """--compile: q_loss (theta^- and, with --double, theta under no_grad for y), its backward pass, the gradient
-    clipping and Adam's step as one compiled program (plumbing.compiled_step)."""
-    loss = lambda module, *batch: q_loss(module, target_network, args, *batch)  # noqa: E731
-    return plumbing.compiled_step(q_network, optimizer, loss, args.max_grad_norm)
+def gradient_step(q_network: nn.Module, target_network: nn.Module, optimizer: torch.optim.Adam, args: Args):
+    """update_step(*batch): q_loss on a mini-batch, then theta <- Adam's step on grad L(theta), the gradient norm
+    clipped to --max-grad-norm; theta^- and, with --double, theta give y under no_grad. The step (plumbing's) is
+    torch's loop, or with --compile the same step as one compiled program; it is not taken when L is not finite."""
+    loss = lambda q, *batch: q_loss(q, target_network, args, *batch)  # noqa: E731
+    return plumbing.make_gradient_step(q_network, optimizer, loss, args.max_grad_norm, args.compile)
 
 
 def evaluate(
@@ -555,13 +541,9 @@ def evaluate(
     a = ckpt["args"]
     q_network = QNetwork(int(np.prod(obs_space.shape)), int(act_space.n), a["hidden_size"], a["dueling"]).to(device)
     q_network.load_state_dict(ckpt["model"])
-
-    def greedy(s: np.ndarray) -> int:
-        with torch.inference_mode():
-            return int(q_network(torch.as_tensor(s[None], dtype=torch.float32, device=device)).argmax(-1)[0])
-
+    greedy = plumbing.GreedyQ(q_network)  # argmax_a Q(s, a; theta), as in training
     env = plumbing.eval_env(ckpt["env_id"], capture_video, video_folder)
-    return plumbing.play_episodes(env, greedy, episodes, seed, progress)
+    return plumbing.play_episodes(env, lambda s: int(greedy(s[None])[0]), episodes, seed, progress)
 
 
 if __name__ == "__main__":

@@ -464,10 +464,10 @@ class RolloutPolicy:
 
 
 class GreedyQ:
-    """argmax_a Q(s, a; theta) in numpy, for acting epsilon-greedily: dqn.py's QNetwork (a `torso` of Linear and
-    ReLU, then a `head`, or with `dueling` a `V` and an `A` stream, each Linear, ReLU, Linear) run on numpy views of
-    theta's own memory, so that it follows every gradient step (the optimisers and compiled_step write theta in
-    place) with nothing to copy or refresh.
+    """argmax_a Q(s, a; theta) in numpy, for acting epsilon-greedily and for the evaluation: dqn.py's QNetwork (a
+    `torso` of Linear and ReLU, then a `head`, or with `dueling` a `V` and an `A` stream, each Linear, ReLU, Linear)
+    run on numpy views of theta's own memory, so that it follows every gradient step (the optimisers and
+    compiled_step write theta in place) with nothing to copy or refresh.
 
     It replaces `q_network(torch.as_tensor(s)).argmax(-1)` under torch.inference_mode(), which costs ~25 us per call
     for one observation here against ~7 us in numpy; the Q-values agree with torch's to float32 rounding and the test
@@ -513,6 +513,44 @@ class GreedyQ:
             with torch.inference_mode():
                 return self.q_network(torch.as_tensor(s, dtype=torch.float32, device=device)).argmax(-1).cpu().numpy()
         return self.q_values(s).argmax(-1)
+
+
+def make_gradient_step(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    max_grad_norm: float,
+    compile: bool = False,
+    accept: Callable | None = None,
+):
+    """theta <- the optimiser's step on grad L(theta), the global gradient norm clipped to max_grad_norm (0: not
+    clipped), as one call for ppo, a2c and dqn: step = make_gradient_step(...); outputs = step(*batch), where
+    outputs = loss_fn(module, *batch) = (L, *diagnostics). The step is not taken when L is not finite or when
+    accept(outputs) is false (ppo's --target-kl); step.grad_norm is the norm of the last step taken (a2c logs it).
+    compile=False: EagerStep, torch's own loop (backward, clip_grad_norm_, optimizer.step()); compile=True: the same
+    step as one compiled program (compiled_step, below), for speed only. The loop then reads the same either way."""
+    if compile:
+        return compiled_step(module, optimizer, loss_fn, max_grad_norm, accept)
+    return EagerStep(module, optimizer, loss_fn, max_grad_norm, accept)
+
+
+class EagerStep:
+    """The gradient step as every PyTorch training loop writes it (make_gradient_step with compile=False)."""
+
+    def __init__(self, module, optimizer, loss_fn: Callable, max_grad_norm: float, accept: Callable | None = None):
+        self.module, self.optimizer, self.loss_fn = module, optimizer, loss_fn
+        self.max_grad_norm, self.accept = max_grad_norm, accept
+        self.grad_norm = None
+
+    def __call__(self, *batch):
+        outputs = self.loss_fn(self.module, *batch)
+        if torch.isfinite(outputs[0]) and (self.accept is None or self.accept(outputs)):
+            self.optimizer.zero_grad()
+            outputs[0].backward()
+            # scales every gradient by min(1, max_grad_norm / norm); with no bound (inf) the factor is exactly 1
+            self.grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm or math.inf)
+            self.optimizer.step()
+        return outputs
 
 
 class CompiledStep:
@@ -566,8 +604,9 @@ def compiled_step(
     max_grad_norm: float,
     accept: Callable | None = None,
 ) -> CompiledStep:
-    """--compile: one gradient step as one compiled program, for every script that has the flag (ppo's mini-batch
-    step, a2c's step on the rollout, dqn's step on a replay mini-batch). It replaces, in the eager loop,
+    """--compile (make_gradient_step with compile=True): one gradient step as one compiled program, for every script
+    that has the flag (ppo's mini-batch step, a2c's step on the rollout, dqn's step on a replay mini-batch). It
+    computes what EagerStep does with torch's loop,
 
         outputs = loss_fn(module, *batch)        # (loss, *diagnostics)
         optimizer.zero_grad(); loss.backward()

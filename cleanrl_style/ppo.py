@@ -309,7 +309,7 @@ def main(args: Args, stop: plumbing.StopSignal | None = None) -> int:
         plumbing.restore(ckpt, model=agent, optimizer=optimizer, obs_rms=obs_rms, ret_rms=ret_rms)
         beta, global_step, iteration = ckpt["beta"], ckpt["global_step"], ckpt["iteration"]
         print(f"resumed {args.resume} at global step {global_step}")
-    update_step = compiled_update_step(agent, optimizer, args) if args.compile else None  # speed only
+    update_step = gradient_step(agent, optimizer, args)  # the mini-batch loss, then one step of Adam
 
     def state() -> dict:  # what a checkpoint holds of the run (plumbing adds the format, algorithm, env id and args)
         return {"global_step": global_step, "iteration": iteration, "model": agent.state_dict(),
@@ -404,23 +404,14 @@ def main(args: Args, stop: plumbing.StopSignal | None = None) -> int:
                 for start in range(0, batch_size, args.minibatch_size):
                     mb = perm[start : start + args.minibatch_size]
                     batch = (b_obs[mb], b_actions[mb], b_logp_old[mb], b_A[mb], b_G[mb], b_V[mb], b_head_old[mb])
-                    if args.compile:  # the loss and the step below in one compiled program (taken there, or not)
-                        loss, pg_loss, v_loss, mb_diagnostics = update_step(*batch, beta_t)
-                    else:
-                        loss, pg_loss, v_loss, mb_diagnostics = minibatch_loss(agent, args, *batch, beta_t)
+                    loss, pg_loss, v_loss, mb_diagnostics = update_step(*batch, beta_t)  # theta <- Adam's step
                     diagnostics.append(mb_diagnostics)
                     if args.target_kl is not None and mb_diagnostics[1].item() > args.target_kl:
-                        early_stop = True
+                        early_stop = True  # (the step was not taken)
                         break
-                    if not torch.isfinite(loss):
+                    if not torch.isfinite(loss):  # (the step was not taken)
                         losses = f"policy {pg_loss.item()}, value {v_loss.item()}"
                         raise RunFault(f"non-finite loss at global step {global_step} ({losses})")
-                    if not args.compile:
-                        optimizer.zero_grad()
-                        loss.backward()
-                        if args.max_grad_norm > 0:
-                            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                        optimizer.step()
                     steps_done += 1
                 if early_stop:
                     break
@@ -480,12 +471,13 @@ def resolve_args(args: Args, discrete: bool) -> Args:
     return args
 
 
-def compiled_update_step(agent: Agent, optimizer: torch.optim.Adam, args: Args):
-    """--compile: minibatch_loss, its backward pass, the gradient clipping and Adam's step as one compiled program
-    (plumbing.compiled_step); with --target-kl, a mini-batch whose k3 exceeds it is not taken, as in the loop."""
+def gradient_step(agent: Agent, optimizer: torch.optim.Adam, args: Args):
+    """update_step(*mini_batch, beta): minibatch_loss, then theta <- Adam's step on its gradient, the global norm
+    clipped to --max-grad-norm. The step (plumbing's) is torch's loop, or with --compile the same step as one
+    compiled program; it is not taken when the loss is not finite or, with --target-kl, when k3 exceeds it."""
     accept = (lambda out: out[3][1] <= args.target_kl) if args.target_kl is not None else None
     loss = lambda module, *batch: minibatch_loss(module, args, *batch)  # noqa: E731
-    return plumbing.compiled_step(agent, optimizer, loss, args.max_grad_norm, accept)
+    return plumbing.make_gradient_step(agent, optimizer, loss, args.max_grad_norm, args.compile, accept)
 
 
 def evaluate(ckpt: dict, episodes: int, seed: int, *more, **kw) -> np.ndarray:

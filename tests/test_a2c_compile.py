@@ -3,6 +3,7 @@
 checkpoints the optimiser's state, and the state kept once per log period is what a fault leaves."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -22,9 +23,9 @@ from cleanrl_style import a2c
     ids=["gaussian-rmsprop-clipped", "categorical-adam"],
 )
 def test_compiled_step_is_the_eager_step(discrete, flags):
-    """compiled_update_step moves the parameters and the optimiser's state as a2c_loss, backward, clip_grad_norm_
-    and torch's RMSprop or Adam do, step after step with an annealed learning rate; it returns the same losses and
-    pi's parameters before the step, and clip_grad_norm_'s norm; a non-finite loss changes nothing."""
+    """gradient_step with --compile moves the parameters and the optimiser's state as a2c_loss, backward,
+    clip_grad_norm_ and torch's RMSprop or Adam do, step after step with an annealed learning rate; it returns the
+    same losses and pi's parameters before the step, and clip_grad_norm_'s norm; a non-finite loss changes nothing."""
     torch.manual_seed(0)
     args = a2c.resolve_args(a2c.Args(env="CartPole-v1" if discrete else "Pendulum-v1", **flags), discrete)
     obs_dim, act_dim, B = 5, 3 if discrete else 2, 40
@@ -32,7 +33,7 @@ def test_compiled_step_is_the_eager_step(discrete, flags):
     compiled = copy.deepcopy(eager)
     opt_eager = a2c.make_optimizer(eager.parameters(), args.optimizer, 3e-3)
     opt_compiled = a2c.make_optimizer(compiled.parameters(), args.optimizer, 3e-3)
-    step = a2c.compiled_update_step(compiled, opt_compiled, args)
+    step = a2c.gradient_step(compiled, opt_compiled, dataclasses.replace(args, compile=True))
     for i in range(12):
         for opt in (opt_eager, opt_compiled):
             opt.param_groups[0]["lr"] = 3e-3 * (1.0 - i / 12)

@@ -3,6 +3,7 @@
 same seeds solve CartPole-v1 with and without --compile, and every variant still combines with it."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ def random_batch(B: int, obs_dim: int, n_actions: int, prioritized: bool) -> tup
     ids=["defaults", "dueling-per-mse-clipped"],
 )
 def test_compiled_step_is_the_eager_step(flags):
-    """compiled_update_step moves theta and Adam's state as q_loss, backward, clip_grad_norm_ and torch's fused
+    """gradient_step with --compile moves theta and Adam's state as q_loss, backward, clip_grad_norm_ and torch's fused
     Adam do, step after step with an annealed learning rate and theta^- copied from theta on the way; it returns
     the same loss, mean Q and delta = y - Q(s, a) (PER's priorities); a non-finite loss changes nothing."""
     torch.manual_seed(0)
@@ -46,7 +47,7 @@ def test_compiled_step_is_the_eager_step(flags):
     compiled, compiled_target = copy.deepcopy(eager), copy.deepcopy(eager_target)
     opt_eager = torch.optim.Adam(eager.parameters(), lr=1e-2, fused=True)
     opt_compiled = torch.optim.Adam(compiled.parameters(), lr=1e-2, fused=True)
-    step = dqn.compiled_update_step(compiled, compiled_target, opt_compiled, args)
+    step = dqn.gradient_step(compiled, compiled_target, opt_compiled, dataclasses.replace(args, compile=True))
     clipped = 0
     for i in range(16):
         for opt in (opt_eager, opt_compiled):

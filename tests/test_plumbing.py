@@ -2,6 +2,7 @@
 a copy of it, and it imports no script), and its pieces do what the scripts rely on."""
 
 import ast
+import copy
 import dataclasses
 import re
 from pathlib import Path
@@ -206,6 +207,57 @@ def test_small_math_held_by_several_scripts_is_the_same_text_in_each(name):
     first, *others = SHARED_BY_DESIGN[name]
     for script in others:
         assert definition(script, name) == definition(first, name), f"{name}: {script}.py differs from {first}.py"
+
+
+# ---- the gradient step every script with --compile calls: eager, torch's own loop ----
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.05], ids=["no-bound", "clipped"])
+def test_the_eager_gradient_step_is_torchs_loop_and_skips_what_it_must(max_grad_norm):
+    """gradient_step(compile=False) moves the parameters and Adam's state bit for bit as zero_grad, backward,
+    clip_grad_norm_ (when the bound is > 0) and step written by hand; it returns loss_fn's outputs and the norm
+    before clipping; a non-finite loss or a refused mini-batch (accept false) leaves the parameters and Adam's state
+    as they were."""
+    torch.manual_seed(0)
+    mine = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    hand = copy.deepcopy(mine)
+    opt_mine, opt_hand = (torch.optim.Adam(m.parameters(), lr=1e-2, fused=True) for m in (mine, hand))
+
+    def loss_fn(module, x, y):
+        loss = ((module(x).squeeze(-1) - y) ** 2).mean()
+        return loss, loss.detach() * 2  # a diagnostic beside L
+
+    accept = lambda out: ~(out[1] >= 50.0)  # noqa: E731 (a NaN diagnostic passes: only the finite check stops it)
+    step = plumbing.make_gradient_step(mine, opt_mine, loss_fn, max_grad_norm, accept=accept)
+    assert isinstance(step, plumbing.EagerStep)
+    skipped = 0
+    for i in range(12):
+        x, y = torch.randn(16, 4), 3.0 * torch.randn(16)
+        if i == 4:
+            y = torch.full((16,), float("nan"))  # a non-finite loss
+        if i == 8:
+            y = y + 100.0  # a refused mini-batch: 2 L >= 50
+        before = [p.detach().clone() for p in mine.parameters()], copy.deepcopy(opt_mine.state_dict()["state"])
+        outputs = step(x, y)
+        loss = loss_fn(hand, x, y)[0]
+        torch.testing.assert_close(outputs[0], loss, rtol=0, atol=0, equal_nan=True)
+        if i in (4, 8):
+            skipped += 1
+            for p, p_before in zip(mine.parameters(), before[0]):
+                assert torch.equal(p.detach(), p_before)
+            for k, st in opt_mine.state_dict()["state"].items():
+                assert all(torch.equal(v, before[1][k][name]) for name, v in st.items())
+            continue
+        opt_hand.zero_grad()
+        loss.backward()
+        if max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(hand.parameters(), max_grad_norm)
+            assert norm > max_grad_norm  # the bound was active
+            assert torch.equal(step.grad_norm, norm)
+        opt_hand.step()
+        for p, q in zip(mine.parameters(), hand.parameters()):
+            assert torch.equal(p.detach(), q.detach())
+    assert skipped == 2
 
 
 # ---- the compiled gradient step: the optimisers it writes out ----

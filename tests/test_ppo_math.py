@@ -1,6 +1,7 @@
 """PPO's math against the notes' worked example, brute force and torch.distributions."""
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -280,8 +281,8 @@ def test_compiled_minibatch_loss_is_the_eager_one(loss):
         dict(loss="kl", max_grad_norm=0.0, target_kl=0.045),  # no clipping; about half the mini-batches refused
     ],
 )
-def test_compiled_update_step_is_the_eager_step(flags):
-    """--compile: compiled_update_step (loss, torch.func gradient, clipping and Adam in one program) moves the
+def test_compiled_gradient_step_is_the_eager_step(flags):
+    """gradient_step with --compile (loss, torch.func gradient, clipping and Adam in one program) moves the
     parameters and Adam's state as minibatch_loss, backward, clip_grad_norm_ and torch's fused Adam do, step after
     step with an annealed learning rate; a mini-batch whose k3 exceeds --target-kl, or whose loss is not finite,
     changes nothing (the eager loop does not step on it)."""
@@ -291,7 +292,7 @@ def test_compiled_update_step_is_the_eager_step(flags):
     compiled = copy.deepcopy(eager)
     opt_eager = torch.optim.Adam(eager.parameters(), lr=3e-3, eps=1e-5, fused=True)
     opt_compiled = torch.optim.Adam(compiled.parameters(), lr=3e-3, eps=1e-5, fused=True)
-    step = ppo.compiled_update_step(compiled, opt_compiled, args)
+    step = ppo.gradient_step(compiled, opt_compiled, dataclasses.replace(args, compile=True))
     n, B = 512, 64
     s, a = torch.randn(n, 5), torch.randn(n, 2)
     with torch.no_grad():
