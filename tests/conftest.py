@@ -72,6 +72,22 @@ def text_tags(run_dir: Path) -> list:
     return acc.Tags()["tensors"]
 
 
+def run_main(capsys, *args):
+    """`python -m benchmarks ARGS` in this process: (exit status, stdout, stderr)."""
+    from benchmarks.__main__ import main
+
+    rc = main(list(args))
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def one_error_line(rc: int, err: str, *words: str) -> None:
+    """The harness's answer to bad input: exit status 2 and one line on stderr, `error: ...`, naming each of
+    `words`, no traceback."""
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert all(w in err for w in words), err
+
+
 @pytest.fixture
 def tmp(tmp_path) -> Path:
     return tmp_path

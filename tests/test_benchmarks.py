@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, script_env
+from conftest import ROOT, one_error_line, run_main, script_env
 
 from benchmarks.events import first_crossing, load_scalars
 from benchmarks.report import elapsed, on_grid, running_mean
@@ -155,15 +155,6 @@ def test_ray_backend_with_a_local_instance(tmp):
 # ---- faults: a user's mistake or a broken file is one error line and nothing written; no fault loses a run ----
 
 
-def run_main(capsys, *args):
-    """`python -m benchmarks ARGS` in this process: (exit status, stdout, stderr)."""
-    from benchmarks.__main__ import main
-
-    rc = main(list(args))
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
-
-
 @pytest.mark.parametrize(
     "text, says",
     [
@@ -182,14 +173,13 @@ def test_a_broken_suite_file_is_one_error_line(tmp, capsys, text, says):
     suite = tmp / "broken.toml"
     suite.write_text(text)
     rc, out, err = run_main(capsys, "run", "--suite", str(suite), "--out", str(tmp / "o"))
-    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    assert str(suite) in err and says in err, err
+    one_error_line(rc, err, str(suite), says)
     assert not (tmp / "o").exists()
 
 
 def test_an_unknown_peer_is_refused_before_anything_is_written(tmp, capsys):
     rc, out, err = run_main(capsys, "run", "--suite", "smoke", "--algos", "ppo", "sb3-foo", "--out", str(tmp / "o"))
-    assert rc == 2 and err.count("\n") == 1 and "unknown peer sb3-foo" in err and "sb3-trpo" in err, err
+    one_error_line(rc, err, "unknown peer sb3-foo", "sb3-trpo")
     assert not (tmp / "o").exists()
 
 
@@ -197,10 +187,10 @@ def test_a_broken_status_file_is_one_error_line(tmp, capsys):
     (tmp / "o" / "status").mkdir(parents=True)
     (tmp / "o" / "status" / "ppo__CartPole-v1__1.json").write_text('{"algo": "ppo", "command": [')
     rc, out, err = run_main(capsys, "run", "--suite", "smoke", "--algos", "ppo", "--out", str(tmp / "o"))
-    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "ppo__CartPole-v1__1.json" in err, err
+    one_error_line(rc, err, "ppo__CartPole-v1__1.json")
     assert sorted(p.name for p in (tmp / "o").rglob("*")) == ["ppo__CartPole-v1__1.json", "status"]
     rc, out, err = run_main(capsys, "report", "--out", str(tmp / "o"))
-    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    one_error_line(rc, err)
 
 
 def test_a_namespaced_env_id(tmp):

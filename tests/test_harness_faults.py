@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, TRAINING_SCRIPTS, script_env
+from conftest import ROOT, TRAINING_SCRIPTS, one_error_line, run_main, script_env
 from torch.utils.tensorboard import SummaryWriter
 
 from benchmarks import sweep as sweep_module
@@ -18,19 +18,6 @@ from benchmarks.events import truncated_at
 from benchmarks.sweep import algorithm_scripts
 
 SUITE = 'algos = ["ppo"]\nenvs = ["CartPole-v1"]\nseeds = [1]\n'
-
-
-def run_main(capsys, *args):
-    """`python -m benchmarks ARGS` in this process: (exit status, stdout, stderr)."""
-    from benchmarks.__main__ import main
-
-    rc = main(list(args))
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
-
-
-def one_error_line(rc, err):
-    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
 
 
 def tree(path):

@@ -6,19 +6,12 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import run_main
 
 from benchmarks import aggregate, report
 from benchmarks.events import load_scalars
 
 pytest.importorskip("rliable")
-
-
-def run_main(capsys, *args):
-    from benchmarks.__main__ import main
-
-    rc = main(list(args))
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
 
 
 def trimmed_mean(x) -> float:

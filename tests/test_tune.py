@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_error_line
 
 from benchmarks import tune
 from benchmarks.events import load_scalars
@@ -185,9 +186,7 @@ def test_a_bad_space_is_one_error_line(tmp_path, capsys, text, says):
     out = tmp_path / "out"
     args = parse("--algo", "ppo", "--env", "CartPole-v1", "--total-timesteps", "1000", "--seeds", "1", "--trials",
                  "1", "--study", "x", "--space", str(path), "--out", str(out))  # fmt: skip
-    assert tune.main(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
+    one_error_line(tune.main(args), capsys.readouterr().err, says)
     assert not out.exists()
 
 
@@ -208,9 +207,7 @@ def test_bad_arguments_are_one_error_line(tmp_path, capsys, space, change, says)
     words = {"--algo": ["ppo"], "--env": ["CartPole-v1"], "--total-timesteps": ["1000"], "--seeds": ["1"],
              "--trials": ["1"], "--study": ["x"], "--space": [str(space)], "--out": [str(out)]}  # fmt: skip
     args = parse(*(w for k, v in {**words, **change}.items() for w in (k, *v)))
-    assert tune.main(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
+    one_error_line(tune.main(args), capsys.readouterr().err, says)
     assert not out.exists()
 
 
