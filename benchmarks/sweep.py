@@ -35,8 +35,8 @@ skips the finished runs and starts the others:
   so that changing the flags of one algorithm in a suite redoes its runs and only them;
 - any other run that is not finished (stopped by Ctrl-C or SIGTERM, exit 130; killed; its machine
   stopped, so that its status still says it is running; a crash) resumes from the checkpoint in its
-  run directory, if one of our scripts wrote one: the same command plus `--resume CHECKPOINT`, events
-  appended in the same run directory. Without a checkpoint (a peer, sb3-*, never writes one) it
+  run directory, if the script wrote one (ours, and the SB3 peers every 100k steps): the same command
+  plus `--resume CHECKPOINT`, events appended in the same run directory. Without a checkpoint it
   starts afresh, its half-written run directory cleared. A run that keeps failing on resume (a
   checkpoint the script refuses) starts afresh once DIR/runs/KEY is removed by hand.
 
@@ -308,10 +308,9 @@ def write_status(out: Path, run: Run, status: dict) -> None:
 
 
 def checkpoint_of(run: Run, out: Path) -> "Path | None":
-    """The newest checkpoint our script left in the run's directory (peers write none)."""
-    if run.script.startswith("sb3-"):
-        return None
-    found = sorted((out / "runs" / run.key).rglob("*.pt"), key=lambda p: p.stat().st_mtime)
+    """The newest checkpoint the script left in the run's directory: ours write NAME.pt, the SB3 peers sb3-ALGO.zip."""
+    pattern = "sb3-*.zip" if run.script.startswith("sb3-") else "*.pt"
+    found = sorted((out / "runs" / run.key).rglob(pattern), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
 
 

@@ -8,9 +8,20 @@ Takes the flags the benchmark harness gives every script (--env, --seed, --total
 with charts/episodic_return and charts/episodic_length per finished episode, charts/SPS (env steps
 over the seconds of learn()) and eval/episodic_return (the deterministic policy at the end).
 Hyperparameters are SB3's defaults unless --zoo. Needs the peers extra: pip install -e ".[peers]".
+
+Checkpoints, so that a sweep stopped or killed mid-run goes on instead of starting the run afresh: every
+--checkpoint-every steps, at the end, and on Ctrl-C (SIGINT: the run stops at the next step, saves, exits 130), the
+model goes to RUN/sb3-{algo}.zip (SB3's own save, written to a temporary file first), with VecNormalize's statistics
+(sb3-{algo}.vecnormalize.pkl) and, until the run ends, DQN's replay buffer (sb3-{algo}.replay.pkl) beside it.
+--resume RUN/sb3-{algo}.zip loads them and learns the remaining steps in the same run directory
+(reset_num_timesteps=False: the learning-rate and exploration schedules go on where they were); the episodes logged
+after the checkpoint by the stopped attempt are dropped from TensorBoard's view (purge_step). The environments start
+new episodes, seeded seed + steps done.
 """
 
 import ast
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -56,6 +67,10 @@ class Args:
     sps_every: int = 0
     """also log charts/SPS every this many env steps while learning (0: once, at the end), so that a benchmark can
     read the steady rate between two points of the run"""
+    checkpoint_every: int = 100_000
+    """save the checkpoint every this many env steps (0: only at the end and on Ctrl-C)"""
+    resume: str | None = None
+    """a checkpoint (RUN/sb3-ALGO.zip) to go on from, with the same flags; its run directory is continued"""
 
 
 # rl-zoo3 hyperparams/ppo.yml, CartPole-v1 (lin_ = linear decay to 0 over the run)
@@ -107,6 +122,7 @@ _A2C_MUJOCO = dict(normalize=True, n_envs=1)
 for _env in ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5"):
     ZOO["trpo", _env] = dict(_TRPO_MUJOCO, **({"target_kl": 0.04} if _env == "HalfCheetah-v5" else {}))
     ZOO["a2c", _env] = dict(_A2C_MUJOCO)
+STOPS = (signal.SIGINT, signal.SIGTERM)
 LINEAR = {("ppo", "CartPole-v1"): ("learning_rate", "clip_range")}  # the entries' lin_ schedules
 
 
@@ -163,9 +179,21 @@ def main(args: Args) -> int:
     if exp_name in ("", ".", "..") or set("/\\").intersection(exp_name):
         print(f"error: --exp-name must be a plain name without a path separator, got '{exp_name}'", file=sys.stderr)
         return 2
-    run = Path(args.run_dir) / f"{args.env}__{exp_name}__{args.seed}__{int(time.time())}"
-    writer = SummaryWriter(str(run))
-    writer.add_text(
+    if args.checkpoint_every < 0:
+        print(f"error: --checkpoint-every must be >= 0, got {args.checkpoint_every}", file=sys.stderr)
+        return 2
+    stem = f"sb3-{args.algo}"  # the checkpoint's files: RUN/{stem}.zip and, beside it, what SB3 keeps apart
+    if args.resume is not None:
+        ckpt = Path(args.resume)
+        if ckpt.name != f"{stem}.zip" or not ckpt.is_file():
+            print(
+                f"error: --resume {args.resume} is not a {stem}.zip checkpoint written by this script", file=sys.stderr
+            )
+            return 2
+        run = ckpt.parent
+    else:
+        run = Path(args.run_dir) / f"{args.env}__{exp_name}__{args.seed}__{int(time.time())}"
+    hyperparameters = (
         "hyperparameters",
         f"SB3 {args.algo}, {'rl-zoo3' if args.zoo else 'defaults'}: "
         f"{ZOO.get((args.algo, args.env)) if args.zoo else {}}"
@@ -177,20 +205,69 @@ def main(args: Args) -> int:
         def _on_step(self) -> bool:
             every, step = args.sps_every, self.num_timesteps
             if every and step // every > (step - n_envs) // every:  # a multiple of --sps-every passed in this step
-                writer.add_scalar("charts/SPS", step / (time.time() - t0), step)
+                writer.add_scalar("charts/SPS", (step - done) / (time.time() - t0), step)
+            every = args.checkpoint_every
+            if every and step // every > (step - n_envs) // every and step < total:
+                save()
             for info in self.locals["infos"]:
                 if "episode" in info:
                     writer.add_scalar("charts/episodic_return", info["episode"]["r"], self.num_timesteps)
                     writer.add_scalar("charts/episodic_length", info["episode"]["l"], self.num_timesteps)
-            return True
+            return not stopped
 
-    env = make_vec_env(args.env, n_envs=n_envs, seed=args.seed)
-    if normalize:
-        env = VecNormalize(env, gamma=hp.get("gamma", 0.99))
-    model = Algo("MlpPolicy", env, seed=args.seed, device="cpu", verbose=0, **hp)
+    if args.resume is None:
+        done = 0
+        env = make_vec_env(args.env, n_envs=n_envs, seed=args.seed)
+        if normalize:
+            env = VecNormalize(env, gamma=hp.get("gamma", 0.99))
+        model = Algo("MlpPolicy", env, seed=args.seed, device="cpu", verbose=0, **hp)
+    else:
+        try:
+            env = make_vec_env(args.env, n_envs=n_envs, seed=args.seed)  # reseeded below, before its first reset
+            if normalize:
+                env = VecNormalize.load(str(run / f"{stem}.vecnormalize.pkl"), env)
+            model = Algo.load(ckpt, env=env, device="cpu")
+            done = model.num_timesteps
+            if hasattr(model, "replay_buffer"):
+                model.load_replay_buffer(run / f"{stem}.replay.pkl")
+        except Exception as e:  # another algorithm's or env's checkpoint, a file missing or unreadable
+            print(f"error: cannot resume from {ckpt}: {type(e).__name__}: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
+        model.set_random_seed(args.seed + done)
+        print(f"resumed {ckpt} at step {done}")
+    writer = SummaryWriter(str(run), purge_step=done if done else None)  # drops what a stopped attempt logged later
+    if not done:
+        writer.add_text(*hyperparameters)
+
+    def save(final: bool = False) -> None:
+        """The checkpoint: SB3's zip written to a temporary file and renamed over the last one, after the files kept
+        beside it (VecNormalize's statistics, DQN's replay buffer), each written the same way. At the end the replay
+        buffer (tens of MB: SB3 stores its whole capacity) is removed: a finished run is not resumed."""
+        if normalize:
+            env.save(str(run / f".{stem}.vecnormalize.pkl"))
+            os.replace(run / f".{stem}.vecnormalize.pkl", run / f"{stem}.vecnormalize.pkl")
+        if hasattr(model, "replay_buffer") and not final:
+            model.save_replay_buffer(run / f".{stem}.replay.pkl")
+            os.replace(run / f".{stem}.replay.pkl", run / f"{stem}.replay.pkl")
+        model.save(run / f".{stem}.zip")
+        os.replace(run / f".{stem}.zip", run / f"{stem}.zip")
+
+    stopped = []  # SIGINT or SIGTERM: learn() stops at the next step, the checkpoint is saved, exit 130
+    previous = {sig: signal.signal(sig, lambda signum, frame: stopped.append(signum)) for sig in STOPS}
     t0 = time.time()
-    model.learn(total, callback=Log())
-    writer.add_scalar("charts/SPS", model.num_timesteps / (time.time() - t0), model.num_timesteps)
+    try:
+        model.learn(total - done, callback=Log(), reset_num_timesteps=not done)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopped:
+        save()
+        writer.close()
+        print(f"stopped at step {model.num_timesteps}; checkpoint {run / f'{stem}.zip'}", file=sys.stderr)
+        return 130
+    save(final=True)
+    (run / f"{stem}.replay.pkl").unlink(missing_ok=True)
+    writer.add_scalar("charts/SPS", (model.num_timesteps - done) / (time.time() - t0), model.num_timesteps)
     if args.eval_episodes > 0:
         if normalize:  # the policy sees normalised observations: evaluate through the training statistics, frozen
             eval_env = VecNormalize(make_vec_env(args.env, n_envs=1, seed=args.seed), training=False, norm_reward=False)
