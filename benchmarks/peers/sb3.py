@@ -235,8 +235,9 @@ def main(args: Args) -> int:
             return 2
         model.set_random_seed(args.seed + done)
         print(f"resumed {ckpt} at step {done}")
-    writer = SummaryWriter(str(run), purge_step=done if done else None)  # drops what a stopped attempt logged later
-    if not done:
+    resumed = args.resume is not None
+    writer = SummaryWriter(str(run), purge_step=done if resumed else None)  # drops what a stopped attempt logged later
+    if not resumed:
         writer.add_text(*hyperparameters)
 
     def save(final: bool = False) -> None:
@@ -246,7 +247,9 @@ def main(args: Args) -> int:
         if normalize:
             env.save(str(run / f".{stem}.vecnormalize.pkl"))
             os.replace(run / f".{stem}.vecnormalize.pkl", run / f"{stem}.vecnormalize.pkl")
-        if hasattr(model, "replay_buffer") and not final:
+        if hasattr(model, "replay_buffer") and final:
+            (run / f"{stem}.replay.pkl").unlink(missing_ok=True)
+        elif hasattr(model, "replay_buffer"):
             model.save_replay_buffer(run / f".{stem}.replay.pkl")
             os.replace(run / f".{stem}.replay.pkl", run / f"{stem}.replay.pkl")
         model.save(run / f".{stem}.zip")
@@ -256,7 +259,7 @@ def main(args: Args) -> int:
     previous = {sig: signal.signal(sig, lambda signum, frame: stopped.append(signum)) for sig in STOPS}
     t0 = time.time()
     try:
-        model.learn(total - done, callback=Log(), reset_num_timesteps=not done)
+        model.learn(total - done, callback=Log(), reset_num_timesteps=not resumed)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -266,7 +269,6 @@ def main(args: Args) -> int:
         print(f"stopped at step {model.num_timesteps}; checkpoint {run / f'{stem}.zip'}", file=sys.stderr)
         return 130
     save(final=True)
-    (run / f"{stem}.replay.pkl").unlink(missing_ok=True)
     writer.add_scalar("charts/SPS", (model.num_timesteps - done) / (time.time() - t0), model.num_timesteps)
     if args.eval_episodes > 0:
         if normalize:  # the policy sees normalised observations: evaluate through the training statistics, frozen
