@@ -1,6 +1,7 @@
 """The SB3 peers' checkpoints: benchmarks/peers/sb3.py stopped by SIGINT saves and exits 130, --resume goes on in the
 same run directory to the same budget, and the harness resumes a peer's run from it instead of starting afresh."""
 
+import fcntl
 import json
 import os
 import signal
@@ -110,6 +111,19 @@ def test_the_harness_resumes_a_killed_peer_from_its_checkpoint(tmp, capsys):
         time.sleep(0.2)
     os.killpg(harness.pid, signal.SIGKILL)
     harness.wait()
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)  # the killed script holds DIR's lock until the kernel ends it
+    try:
+        start = time.time()
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                break
+            except OSError:
+                assert time.time() - start < 30, "the killed script never ended"
+                time.sleep(0.1)
+    finally:
+        os.close(fd)
     rc, stdout, err = run_main(capsys, "run", "--suite", str(suite), "--out", str(out))
     assert rc == 0, err
     assert "1 from a checkpoint" in stdout
