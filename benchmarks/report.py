@@ -210,11 +210,46 @@ def draw_mean(ax, grid: np.ndarray, curves: np.ndarray, label: str, color=None) 
         ax.fill_between(grid[full], lo, hi, color=line.get_color(), alpha=0.2)
 
 
-def figure(env: str, by_algo: dict, path: Path, csv_rows: list) -> None:
+LOG_RATIO = 4  # the x axis of a panel is logarithmic when one curve ends this many times further out than another
+
+
+def x_axis(firsts: list, ends: list) -> tuple[np.ndarray, str]:
+    """The drawing grid and the scale ("linear" or "log") of a panel whose curves start at `firsts` and end at `ends`
+    (env steps or seconds). When the longest curve is LOG_RATIO times the shortest (q_learning's 500k steps beside
+    dqn's 30k), a linear axis squeezes the short ones against 0: the axis is then logarithmic, the grid geometric
+    so that each curve gets points of its own, from the first point any curve has but at most two decades below the
+    shortest curve's end (the first few episodes, where nothing is learnt yet, do not take half the axis)."""
+    x_max = max(ends)
+    if min(ends) > 0 and x_max >= LOG_RATIO * min(ends):
+        x_min = max(min(x for x in firsts if x > 0), min(ends) / 100)
+        return np.geomspace(x_min, x_max, GRID), "log"
+    return np.linspace(0, x_max, GRID), "linear"
+
+
+def colours(algos: list) -> dict:
+    """A colour for each curve: tab10's when 10 are enough; else tab20's pairs, a peer ("sb3-ppo") in the light
+    shade of its script's hue ("ppo"), the rest a hue each (cycling past 10)."""
+    if len(algos) <= 10:
+        return {a: f"C{i}" for i, a in enumerate(algos)}
+    tab20 = plt.get_cmap("tab20").colors
+    hue = {}
+    for a in algos:
+        if not (a.startswith("sb3-") and a[4:] in algos):
+            hue[a] = len(hue) % 10
+    out = {a: tab20[2 * hue[a]] for a in hue}
+    for a in algos:
+        if a not in out:
+            out[a] = tab20[2 * hue[a[4:]] + 1]
+    return out
+
+
+def figure(env: str, by_algo: dict, path: Path, csv_rows: list, colour: "dict | None" = None) -> None:
+    """figures/{env}.png: each algorithm's curve over env steps and over seconds; `colour` (by default colours() of
+    by_algo) keeps an algorithm's colour the same in every figure of a report."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     partial = False
+    colour = colour or colours(list(by_algo))
     for ax, xkey in zip(axes, ["steps", "seconds"]):
-        x_max = 0.0
         series = {}
         for algo, runs in by_algo.items():
             per_seed = []
@@ -222,19 +257,21 @@ def figure(env: str, by_algo: dict, path: Path, csv_rows: list) -> None:
                 steps, walls, returns = r["tags"]["charts/episodic_return"]
                 x = steps.astype(float) if xkey == "steps" else elapsed(r, walls)
                 per_seed.append((x, running_mean(returns), r["seed"]))
-                x_max = max(x_max, float(x[-1]))
             series[algo] = per_seed
-        grid = np.linspace(0, x_max, GRID)
-        # more curves than matplotlib's 10 default colours (a suite with variants): 20 distinct ones
-        colors = plt.get_cmap("tab20").colors if len(series) > 10 else [None] * len(series)
-        for (algo, per_seed), color in zip(series.items(), colors):
+        ends = [float(x[-1]) for per_seed in series.values() for x, _, _ in per_seed]
+        grid, scale = x_axis([float(x[0]) for per_seed in series.values() for x, _, _ in per_seed], ends)
+        csv_grid = np.linspace(0, max(ends), GRID)  # curves.csv: the same linear grid whatever the figure's axis
+        for algo, per_seed in series.items():
             curves = np.array([on_grid(x, y, grid) for x, y, _ in per_seed])
             if xkey == "steps":
-                for (_, _, seed), curve in zip(per_seed, curves):
-                    csv_rows.extend((env, algo, seed, int(g), v) for g, v in zip(grid, curve) if np.isfinite(v))
+                for x, y, seed in per_seed:
+                    curve = on_grid(x, y, csv_grid)
+                    csv_rows.extend((env, algo, seed, int(g), v) for g, v in zip(csv_grid, curve) if np.isfinite(v))
             partial |= bool((np.isfinite(curves).any(0) & ~np.isfinite(curves).all(0)).any())
-            draw_mean(ax, grid, curves, f"{algo} ({seeds_label(len(per_seed))})", color)
-        ax.set_xlabel("environment steps" if xkey == "steps" else "wall-clock seconds (whole process)")
+            draw_mean(ax, grid, curves, f"{algo} ({seeds_label(len(per_seed))})", colour[algo])
+        ax.set_xscale(scale)
+        label = "environment steps" if xkey == "steps" else "wall-clock seconds (whole process)"
+        ax.set_xlabel(label + (", log scale" if scale == "log" else ""))
         ax.set_ylabel(f"episodic return (mean of last {WINDOW})")
         ax.grid(alpha=0.3)
     if axes[0].get_legend_handles_labels()[0]:
@@ -246,7 +283,7 @@ def figure(env: str, by_algo: dict, path: Path, csv_rows: list) -> None:
     plt.close(fig)
 
 
-def aggregate_section(out: Path, finished: list) -> list:
+def aggregate_section(out: Path, finished: list, colour: "dict | None" = None) -> list:
     """The report's lines on the aggregates across envs (benchmarks/aggregate.py, with rliable), and their figures
     out/figures/aggregates.png and out/figures/profiles.png and the scores in out/scores.csv; [] if no env of the
     report has a reference score."""
@@ -294,7 +331,7 @@ def aggregate_section(out: Path, finished: list) -> list:
         lines.append(f"| {env} | {random:g} | {best:g} | {random_source} | {best_source} |")
     lines += [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
     profile, profile_ci = aggregate.profiles(scores)
-    aggregates_figure(agg, profile, profile_ci, out / "figures")
+    aggregates_figure(agg, profile, profile_ci, out / "figures", colour)
     lines += ["![aggregates](figures/aggregates.png)", "", "![performance profiles](figures/profiles.png)", ""]
     with open(out / "scores.csv", "w") as fh:
         fh.write("algo,env,run,normalised_score\n")
@@ -303,17 +340,18 @@ def aggregate_section(out: Path, finished: list) -> list:
     return lines
 
 
-def aggregates_figure(agg: dict, profile: dict, profile_ci: dict, folder: Path) -> None:
+def aggregates_figure(agg: dict, profile: dict, profile_ci: dict, folder: Path, colour: "dict | None" = None) -> None:
     """figures/aggregates.png: IQM and mean with their CIs per algorithm; figures/profiles.png: the performance
     profiles (share of runs above tau) with their 95% bands."""
     from benchmarks.aggregate import TAUS
 
     algos = list(agg)
+    colour = colour or colours(algos)
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.9 + 0.35 * len(algos)), sharey=True)
     for ax, metric in zip(axes, ["IQM", "mean"]):
         for i, algo in enumerate(algos):
             p, lo, hi = agg[algo][metric]
-            ax.barh(i, hi - lo, left=lo, height=0.6, alpha=0.6, color=f"C{i % 10}")
+            ax.barh(i, hi - lo, left=lo, height=0.6, alpha=0.6, color=colour[algo])
             ax.plot([p, p], [i - 0.3, i + 0.3], color="black", linewidth=1.5)
         ax.set_title(f"{metric} of normalised scores")
         ax.set_xlabel("normalised score (0: random, 1: best published)")
@@ -324,9 +362,9 @@ def aggregates_figure(agg: dict, profile: dict, profile_ci: dict, folder: Path) 
     fig.savefig(folder / "aggregates.png", dpi=90)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, algo in enumerate(algos):
-        ax.plot(TAUS, profile[algo], color=f"C{i % 10}", label=algo)
-        ax.fill_between(TAUS, profile_ci[algo][0], profile_ci[algo][1], color=f"C{i % 10}", alpha=0.15)
+    for algo in algos:
+        ax.plot(TAUS, profile[algo], color=colour[algo], label=algo)
+        ax.fill_between(TAUS, profile_ci[algo][0], profile_ci[algo][1], color=colour[algo], alpha=0.15)
     ax.set_xlabel("normalised score tau")
     ax.set_ylabel("fraction of runs with score > tau")
     ax.set_title("performance profiles, 95% stratified bootstrap bands")
@@ -346,6 +384,7 @@ def report(out: Path, command: str = "") -> Path:
     order = {a: i for i, a in enumerate(suite.get("algos", []))}
     finished.sort(key=lambda r: order.get(r["algo"], len(order)))
     failed = [f for f in left_out if f["failed"]]
+    colour = colours(list(dict.fromkeys(r["algo"] for r in finished)))  # one colour per algorithm in every figure
     (out / "figures").mkdir(exist_ok=True)
     envs = list(dict.fromkeys([r["env"] for r in finished] + [f["env"] for f in left_out]))
     lines = [f"# Benchmark report: {suite.get('name', out.name)}", ""]
@@ -385,7 +424,7 @@ def report(out: Path, command: str = "") -> Path:
                 lines.append(f"| {f['algo']} seed {f['seed']} | {f['outcome']} | | | | | | |")
         if by_algo:
             png = out / "figures" / f"{safe(env)}.png"
-            figure(env, by_algo, png, csv_rows)
+            figure(env, by_algo, png, csv_rows, colour)
             lines += ["", f"![{env}](figures/{png.name})"]
         lines.append("")
     if failed:
@@ -407,7 +446,7 @@ def report(out: Path, command: str = "") -> Path:
             lines.append(f"- {says}")
             print(f"warning: truncated event file: {says}", file=sys.stderr)
         lines.append("")
-    lines += aggregate_section(out, finished)
+    lines += aggregate_section(out, finished, colour)
     with open(out / "curves.csv", "w") as fh:
         fh.write("env,algo,seed,step,return_mean_last_20\n")
         fh.writelines(f"{e},{a},{s},{x},{v:.4f}\n" for e, a, s, x, v in csv_rows)

@@ -1,5 +1,6 @@
 """The report's figures: legends ("1 seed"), no 95% band from fewer than 3 seeds, seeds that end at different times
-(the seconds panel), and the REINFORCE variance figure's updates with no gradient."""
+(the seconds panel), a log axis when budgets differ, one colour per algorithm (a peer in its script's hue), and the
+REINFORCE variance figure's updates with no gradient."""
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -68,3 +69,54 @@ def test_the_variance_figure_leaves_out_updates_with_no_gradient(tmp, monkeypatc
     assert share.get_ydata()[0] == 0.0 and share.get_ydata()[-1] == 1.0
     assert line.get_label() == "reinforce-rloo (1 seed)"
     plt.close(fig)
+
+
+def fake_run(seed: int, budget: int, episode: int, seconds_per_step: float) -> dict:
+    steps = np.arange(episode, budget + 1, episode)
+    walls = 1000.0 + steps * seconds_per_step
+    returns = np.linspace(0.0, 500.0, len(steps))
+    return {
+        "seed": seed,
+        "start_time": 1000.0,
+        "seconds": float(walls[-1] - 1000.0),
+        "tags": {"charts/episodic_return": (steps, walls, returns)},
+    }
+
+
+def test_budgets_that_differ_get_a_log_axis_and_equal_ones_a_linear_one(tmp, monkeypatch):
+    # q_learning's 500k steps beside dqn's 30k: on a linear axis dqn's whole curve would sit in the first 6%
+    grid, scale = report.x_axis([20.0, 20.0], [30_000.0, 500_000.0])
+    assert scale == "log" and grid[-1] == 500_000.0
+    assert grid[0] == pytest.approx(300.0)  # two decades below the shortest end, not the first episode's 20 steps
+    assert (grid < 30_000).sum() > report.GRID // 2  # the short curve has most of the points, not 6 of them
+    grid, scale = report.x_axis([20.0, 20.0], [1e6, 1e6])
+    assert scale == "linear" and grid[0] == 0.0 and grid[-1] == 1e6
+    shown = []
+    monkeypatch.setattr(report.plt, "close", shown.append)
+    by_algo = {"dqn": [fake_run(1, 30_000, 100, 1e-3)], "q_learning": [fake_run(1, 500_000, 100, 2e-5)]}
+    report.figure("CartPole-v1", by_algo, tmp / "f.png", rows := [])
+    (fig,) = shown
+    steps_axis, seconds_axis = fig.axes
+    assert steps_axis.get_xscale() == "log" and steps_axis.get_xlabel() == "environment steps, log scale"
+    assert seconds_axis.get_xscale() == "linear"  # 30 s and 10 s: within LOG_RATIO of each other
+    plt.close(fig)
+    # curves.csv keeps its linear grid of GRID points from 0, with each curve's value there, whatever the axis
+    steps, _, returns = by_algo["q_learning"][0]["tags"]["charts/episodic_return"]
+    linear = np.linspace(0, 500_000, report.GRID)
+    want = report.on_grid(steps.astype(float), report.running_mean(returns), linear)
+    got = [(g, v) for env, algo, seed, g, v in rows if algo == "q_learning"]
+    assert got == [(int(g), v) for g, v in zip(linear, want) if np.isfinite(v)]
+
+
+def test_a_peer_is_drawn_in_the_light_shade_of_its_scripts_hue():
+    algos = ["ppo", "a2c", "trpo", "reinforce", "grpo", "dqn", "q_learning", "sarsa"]
+    peers = ["sb3-ppo", "sb3-a2c", "sb3-trpo", "sb3-dqn"]
+    colour = report.colours(algos + peers)
+    tab20 = plt.get_cmap("tab20").colors
+    for peer in peers:
+        i = tab20.index(colour[peer[4:]])
+        assert i % 2 == 0 and colour[peer] == tab20[i + 1]  # the script dark, its peer the light shade beside it
+    mine = [colour[a] for a in algos]
+    assert len(set(mine)) == len(mine)  # every script a hue of its own
+    few = report.colours(["ppo", "sb3-ppo"])
+    assert few == {"ppo": "C0", "sb3-ppo": "C1"}  # 10 curves or fewer: matplotlib's own distinct colours
