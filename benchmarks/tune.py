@@ -420,7 +420,9 @@ def open_study(cfg: Config, storage, pruner):
     """The study (made if new, with the command's settings); SweepError if one of that name has other settings."""
     import optuna
 
-    sampler = optuna.samplers.TPESampler()  # constant_liar: trials running at once are told apart
+    # constant_liar: a trial started while others run is told their (pessimistic) results, so that TPE does not
+    # propose the same point to trials running at once
+    sampler = optuna.samplers.TPESampler(constant_liar=True)
     try:
         study = optuna.load_study(study_name=cfg.study, storage=storage, sampler=sampler, pruner=pruner)
     except KeyError:

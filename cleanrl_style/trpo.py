@@ -53,7 +53,7 @@ class Args(plumbing.RunArgs):  # the flags every script has (--env, --seed, --re
     num_envs: int | None = None
     """N, parallel environments (default: 4 discrete, 16 continuous)"""
     num_steps: int | None = None
-    """T, steps per environment per rollout (default: 128 discrete, 64 continuous)"""
+    """T, steps per environment per rollout; N*T 512-2048 typical (default: 128 discrete, 64 continuous)"""
     max_kl: float = 0.01
     """delta, radius of the mean-KL trust region; 0.005-0.05"""
     cg_iters: int | None = None
@@ -67,17 +67,17 @@ class Args(plumbing.RunArgs):  # the flags every script has (--env, --seed, --re
     accept_ratio: float = 0.1
     """smallest improvement / expected improvement (zeta^j g . Delta) a step must reach; 0-0.5 (0: any improvement)"""
     critic_epochs: int | None = None
-    """epochs of Adam over the rollout for the critic V_phi per update (default: 20)"""
+    """epochs of Adam over the rollout for the critic V_phi per update; 5-30 (default: 20)"""
     critic_minibatch_size: int | None = None
     """samples per critic mini-batch; must divide N*T; 0: the whole batch (default: 128 discrete, 0 continuous)"""
     learning_rate: float | None = None
-    """alpha, the critic's Adam step size (default: 1e-3)"""
+    """alpha, the critic's Adam step size; 1e-4-3e-3 (default: 1e-3)"""
     anneal_lr: bool | None = None
     """anneal the critic's learning rate linearly to 0 over the run (default: off discrete, on continuous)"""
     gamma: float | None = None
-    """gamma, discount factor in [0, 1] (default: 0.99)"""
+    """gamma, discount factor in [0, 1]; 0.98-0.999 typical (default: 0.99)"""
     gae_lambda: float | None = None
-    """lambda of GAE in [0, 1] (default: 0.98 discrete, 0.95 continuous)"""
+    """lambda of GAE in [0, 1]; 0.9-0.99 typical (default: 0.98 discrete, 0.95 continuous)"""
     norm_adv: bool = True
     """normalise A_hat over the batch: (A_hat - mean) / std"""
     norm_obs: bool | None = None
@@ -87,7 +87,7 @@ class Args(plumbing.RunArgs):  # the flags every script has (--env, --seed, --re
     hidden_size: int = 64
     """width of the two tanh hidden layers of actor and critic"""
     log_std_init: float | None = None
-    """log sigma of the Gaussian policy at the start, continuous actions (default: -0.5, sigma = 0.61)"""
+    """log sigma of the Gaussian policy at the start, continuous actions; -1.5-0 (default: -0.5, sigma = 0.61)"""
 
 
 # Defaults by action space: (discrete, continuous). Discrete: tuned on CartPole-v1 here. rl-zoo3's CartPole TRPO
