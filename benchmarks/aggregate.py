@@ -8,7 +8,8 @@ reference (an algorithm missing one of them is left out, and so is a seed it did
   resampled within each env; rliable's get_interval_estimates, percentile method);
 - the performance profile: the share of (run, env) pairs scoring above tau, for tau from 0 to 1.25, with 95% CIs;
 - the probability of improvement of each of our scripts over its peer (ppo over sb3-ppo, trpo over sb3-trpo, a2c
-  over sb3-a2c, dqn over sb3-dqn, where both ran): P(X > Y), the Mann-Whitney U statistic over the two algorithms'
+  over sb3-a2c, dqn over sb3-dqn, where both ran), and in a report of a suite with variants, of each variant over
+  its script's defaults (dqn+per over dqn): P(X > Y), the Mann-Whitney U statistic over the two algorithms'
   runs on each env, averaged over envs, with a 95% CI from resampling each algorithm's runs independently.
 rliable is the bench extra (pip install -e ".[bench]"); this module imports it only in the functions that use it.
 
@@ -122,12 +123,14 @@ def profiles(scores: dict, seed: int = 0) -> tuple:
         return rly.create_performance_profile(scores, TAUS, custom_profile_func=above, reps=REPS)
 
 
-def improvements(scores: dict, seed: int = 0) -> dict:
-    """{(ours, peer): (P(ours > peer), lo, hi)} for each of our scripts whose peer ran on the same envs."""
+def improvements(scores: dict, seed: int = 0, versus: "dict | None" = None) -> dict:
+    """{(X, Y): (P(X > Y), lo, hi)} for each pair X: Y of `versus` (default PEERS: each of our scripts and its peer)
+    where both ran on the same envs."""
     from rliable import library as rly
     from rliable import metrics
 
-    pairs = {f"{a},{p}": (scores[a], scores[p]) for a, p in PEERS.items() if a in scores and p in scores}
+    versus = PEERS if versus is None else versus
+    pairs = {f"{a},{p}": (scores[a], scores[p]) for a, p in versus.items() if a in scores and p in scores}
     if not pairs:
         return {}
     with seeded(seed):

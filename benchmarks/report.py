@@ -283,10 +283,11 @@ def figure(env: str, by_algo: dict, path: Path, csv_rows: list, colour: "dict | 
     plt.close(fig)
 
 
-def aggregate_section(out: Path, finished: list, colour: "dict | None" = None) -> list:
+def aggregate_section(out: Path, finished: list, colour: "dict | None" = None, variants: "dict | None" = None) -> list:
     """The report's lines on the aggregates across envs (benchmarks/aggregate.py, with rliable), and their figures
     out/figures/aggregates.png and out/figures/profiles.png and the scores in out/scores.csv; [] if no env of the
-    report has a reference score."""
+    report has a reference score. `variants`: the suite's ({name: {"algo": script, ...}}), each compared with its
+    script's defaults when both ran."""
     from benchmarks import aggregate
 
     scores, envs, notes = aggregate.score_matrices(finished)
@@ -312,10 +313,13 @@ def aggregate_section(out: Path, finished: list, colour: "dict | None" = None) -
         cells = [f"{p:.3f}" if few else f"{p:.3f} [{lo:.3f}, {hi:.3f}]" for p, lo, hi in (a["IQM"], a["mean"])]
         lines.append(f"| {algo} | {scores[algo].shape[0]} x {scores[algo].shape[1]} | {cells[0]} | {cells[1]} |")
     lines.append("")
-    better = aggregate.improvements(scores)
+    # each of our scripts over its peer, and each variant over its script's defaults
+    versus = {**aggregate.PEERS, **{name: v["algo"] for name, v in (variants or {}).items()}}
+    better = aggregate.improvements(scores, versus=versus)
     if better:
         lines += [
-            "Probability of improvement P(X > Y): the chance that a run of X scores above a run of Y on an env "
+            "Probability of improvement P(X > Y), of each of our scripts over its peer and each variant over its "
+            "script's defaults: the chance that a run of X scores above a run of Y on an env "
             "(Mann-Whitney U over their runs), averaged over the envs; 95% CI from resampling each one's runs.",
             "",
             "| X | Y | P(X > Y) |",
@@ -446,7 +450,7 @@ def report(out: Path, command: str = "") -> Path:
             lines.append(f"- {says}")
             print(f"warning: truncated event file: {says}", file=sys.stderr)
         lines.append("")
-    lines += aggregate_section(out, finished, colour)
+    lines += aggregate_section(out, finished, colour, suite.get("variants"))
     with open(out / "curves.csv", "w") as fh:
         fh.write("env,algo,seed,step,return_mean_last_20\n")
         fh.writelines(f"{e},{a},{s},{x},{v:.4f}\n" for e, a, s, x, v in csv_rows)

@@ -186,3 +186,23 @@ def test_no_ci_from_fewer_than_3_runs(tmp):
     md = "\n".join(report.aggregate_section(tmp, runs))
     assert table_rows(md, "| algorithm | runs x envs | IQM | mean |")["ppo"] == ["2 x 1", "0.750", "0.750"]
     assert table_rows(md, "| X | Y | P(X > Y) |")["ppo"] == ["sb3-ppo", "0.62"]  # (1 + 0.5 + 1 + 0) / 4
+
+
+def test_each_variant_against_its_scripts_defaults(tmp):
+    (tmp / "figures").mkdir()
+    runs = finished_runs(
+        {
+            "ppo": {"CartPole-v1": [500.0, 261.85]},  # normalised 1.0, 0.5
+            "ppo-kl": {"CartPole-v1": [500.0, 500.0]},  # 1.0, 1.0
+            "sb3-ppo": {"CartPole-v1": [23.7, 500.0]},  # 0.0, 1.0
+            "dqn+per": {"CartPole-v1": [500.0, 500.0]},  # its script's defaults did not run: no row
+        }
+    )
+    variants = {"ppo-kl": {"algo": "ppo", "flags": ["--loss", "kl"]}, "dqn+per": {"algo": "dqn", "flags": []}}
+    rows = table_rows("\n".join(report.aggregate_section(tmp, runs, variants=variants)), "| X | Y | P(X > Y) |")
+    # (0.5 + 1 + 0.5 + 1) / 4: ties count a half
+    assert rows == {"ppo": ["sb3-ppo", "0.62"], "ppo-kl": ["ppo", "0.75"]}
+    # without the suite's variants, only the peers
+    assert table_rows("\n".join(report.aggregate_section(tmp, runs)), "| X | Y | P(X > Y) |") == {
+        "ppo": ["sb3-ppo", "0.62"]
+    }
