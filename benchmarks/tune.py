@@ -786,6 +786,14 @@ class Tuner:
 # ----------------------------------------------------------------------------------------------
 
 
+def shown(path: Path) -> str:
+    """A path as a command line in the summary gives it: relative to the working directory when it lies below it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def write_summary(study, cfg: Config) -> str:
     """DIR/summary.md (returned), DIR/history.png and DIR/importance.png of the study as it is now."""
     import matplotlib
@@ -835,7 +843,7 @@ def write_summary(study, cfg: Config) -> str:
         "To run it again beside the defaults, on other seeds and another budget, best.toml is a suite with it:",
         "",
         "```",
-        f"python -m benchmarks run --suite {cfg.out / 'best.toml'} --seeds 2 3 4 5 6 --total-timesteps 1000000 "
+        f"python -m benchmarks run --suite {shown(cfg.out / 'best.toml')} --seeds 2 3 4 5 6 --total-timesteps 1000000 "
         f"--out benchmarks/out/{cfg.study}-best",
         "```",
         "",

@@ -252,3 +252,9 @@ def test_flags_and_normalisation():
     assert tune.final_mean([10, 20, 30], [1.0, 2.0, 6.0], upto=25) == 1.5
     assert tune.final_mean(list(range(150)), [0.0] * 50 + [1.0] * 100) == 1.0  # the last 100 only
     assert tune.final_mean([10], [1.0], upto=5) is None
+
+
+def test_the_summary_shows_paths_below_the_working_directory_relative(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert tune.shown(tmp_path / "benchmarks" / "out" / "best.toml") == "benchmarks/out/best.toml"
+    assert tune.shown(tmp_path.parent / "elsewhere" / "best.toml") == str(tmp_path.parent / "elsewhere" / "best.toml")
