@@ -276,7 +276,7 @@ def figure(env: str, by_algo: dict, path: Path, csv_rows: list, colour: "dict | 
         ax.grid(alpha=0.3)
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=8)
-    title = f"{env}: mean over seeds, 95% bootstrap band from {MIN_BAND} seeds"
+    title = f"{env}: mean over seeds, 95% bootstrap band where {MIN_BAND} or more seeds have a value"
     fig.suptitle(title + ("; dashed: the mean over the seeds still running" if partial else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
