@@ -39,7 +39,8 @@ A trial that fails (a script exiting with an error: a setting the script refuses
 as failed, with its log's tail, and counts among the N.
 
 Ctrl-C or SIGTERM: no trial or run starts; the running scripts write their checkpoints and exit 130; their trials
-stay running in the study, owned by this directory; `tune` exits 130 and the same command resumes them.
+stay running in the study, owned by this directory; `tune` writes the summary of the trials finished so far
+(DIR/summary.md and the plots), exits 130, and the same command resumes them.
 
 Storage: by default SQLite in DIR/study.db (nothing to install or start). Any database URL Optuna accepts lets
 several harness processes, on one machine or several, work on one study at once: each runs the same command with
@@ -765,9 +766,10 @@ class Tuner:
             STOP.clear()
             pool.close()
         if self.signals:
+            write_summary(self.study, cfg)  # the trials finished so far, so that a stopped study can be read
             name = signal.Signals(self.signals[0]).name
-            print(f"\n{name}: stopped; the same command again resumes this directory's unfinished trials",
-                  file=sys.stderr)  # fmt: skip
+            print(f"\n{name}: stopped; the trials finished so far are in {shown(cfg.out / 'summary.md')}; the same "
+                  "command again resumes this directory's unfinished trials", file=sys.stderr)  # fmt: skip
             return INTERRUPTED
         print(write_summary(self.study, cfg))
         from optuna.trial import TrialState

@@ -148,6 +148,8 @@ def test_ctrl_c_stops_and_the_same_command_resumes(tmp_path, space):
     assert proc.returncode == 130, stderr
     (trial,) = study_of(out, "s").trials
     assert trial.state.name == "RUNNING"
+    # the summary of what finished so far: nothing, with the trial still running
+    assert "1 trials (1 running)" in (out / "summary.md").read_text() and "summary.md" in stderr
     (status,) = statuses(out).values()
     assert status["returncode"] == 130
     (ckpt,) = out.glob("trials/0000/runs/*/*/ppo.pt")
